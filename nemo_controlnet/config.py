@@ -1,0 +1,100 @@
+"""Config checks that run before any model is built: a bad value fails in seconds, naming its key."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from omegaconf import DictConfig, OmegaConf
+
+PRECISIONS = {"32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64", "64-true"}
+PREDICTION_TYPES = {"epsilon", "v_prediction"}
+LR_SCHEDULERS = {"constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"}
+MODEL_NODES = ("unet_config", "first_stage_config", "cond_stage_config.text_encoder",
+               "cond_stage_config.tokenizer", "scheduler_config", "control_stage_config")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class _Checker:
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.errors: list[str] = []
+
+    def check(self, key: str, ok: Callable[[Any], bool], expected: str, required: bool = True) -> None:
+        value = OmegaConf.select(self.cfg, key, throw_on_missing=False, default=None)
+        if value is None:
+            if required:
+                self.errors.append(f"{key}: missing (expected {expected})")
+            return
+        try:
+            good = ok(value)
+        except (TypeError, ValueError):
+            good = False
+        if not good:
+            self.errors.append(f"{key}={value!r}: expected {expected}")
+
+    def raise_if_any(self, what: str) -> None:
+        if self.errors:
+            raise ConfigError(f"invalid {what} config:\n  " + "\n  ".join(self.errors))
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _pos_int(v) -> bool:
+    return _is_int(v) and v > 0
+
+
+def _nonneg_int(v) -> bool:
+    return _is_int(v) and v >= 0
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_model(c: _Checker, prefix: str = "model") -> None:
+    for node in MODEL_NODES:
+        c.check(f"{prefix}.{node}._target_", lambda v: isinstance(v, str) and "." in v, "a _target_ dotted path")
+    c.check(f"{prefix}.seed", _is_int, "an integer")
+    c.check(f"{prefix}.hint_channels", _pos_int, "a positive integer")
+    c.check(f"{prefix}.control_key", lambda v: isinstance(v, str) and v, "a batch key such as 'hint'")
+    c.check(f"{prefix}.sd_locked", lambda v: isinstance(v, bool), "true or false")
+    c.check(f"{prefix}.only_mid_control", lambda v: isinstance(v, bool), "true or false")
+    c.check(f"{prefix}.control_scale", lambda v: _number(v) and v >= 0, "a number >= 0")
+    c.check(f"{prefix}.proportion_empty_prompts", lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]")
+    c.check(f"{prefix}.prediction_type", lambda v: v in PREDICTION_TYPES, f"one of {sorted(PREDICTION_TYPES)}", required=False)
+
+
+def validate_train_config(cfg: DictConfig) -> None:
+    c = _Checker(cfg)
+    c.check("run_dir", lambda v: isinstance(v, str) and v.strip(), "a directory path")
+    c.check("resume", lambda v: isinstance(v, bool), "true or false")
+    c.check("seed", _is_int, "an integer")
+    check_model(c)
+    c.check("model.control_key", lambda v: v == "hint", "'hint' (the loader's hint key in the batch)")
+    c.check("data.shards", lambda v: isinstance(v, str) or OmegaConf.is_list(v), "a path, brace pattern, directory or list")
+    c.check("data.resolution", lambda v: _pos_int(v) and v % 8 == 0, "a positive multiple of 8")
+    c.check("data.batch_size", _pos_int, "a positive integer")
+    c.check("data.num_workers", _nonneg_int, "an integer >= 0")
+    c.check("data.shuffle_buffer", _nonneg_int, "an integer >= 0")
+    for key in ("image_key", "hint_key", "caption_key"):
+        c.check(f"data.{key}", lambda v: isinstance(v, str) and v, "a tar member extension such as jpg")
+    c.check("trainer.precision", lambda v: str(v) in PRECISIONS, f"one of {sorted(PRECISIONS)}")
+    c.check("trainer.max_steps", _pos_int, "a positive integer")
+    c.check("trainer.accumulate_grad_batches", _pos_int, "a positive integer", required=False)
+    c.check("optim.lr", lambda v: _number(v) and v > 0, "a learning rate > 0")
+    if OmegaConf.select(cfg, "model.sd_locked") is False:
+        c.check("optim.unet_lr", lambda v: _number(v) and v > 0, "a learning rate > 0 for the unlocked UNet decoder")
+    c.check("optim.warmup_steps", _nonneg_int, "an integer >= 0")
+    c.check("optim.lr_scheduler", lambda v: v in LR_SCHEDULERS, f"one of {sorted(LR_SCHEDULERS)}")
+    c.check("optim.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)")
+    c.check("checkpoint.every_n_steps", _nonneg_int, "an integer >= 0 (0: only at the end)")
+    c.check("checkpoint.keep_last", _nonneg_int, "an integer >= 0 (0: keep all)")
+    c.check("validation.every_n_steps", _nonneg_int, "an integer >= 0 (0: only at the end)")
+    c.check("validation.num_samples", _nonneg_int, "an integer >= 0")
+    c.check("logger", lambda v: v in {"tensorboard", "csv", "none"}, "tensorboard, csv or none")
+    c.raise_if_any("training")

@@ -1,0 +1,119 @@
+"""Generation: a trained ControlNet + its base -> images for hints (or images + a detector) and prompts."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from diffusers import ControlNetModel, UNet2DConditionModel
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from tqdm import tqdm
+
+from nemo_controlnet.data.hints import get_hint
+from nemo_controlnet.data.transforms import ResizeCrop, hint_to_tensor, prepare_hint
+from nemo_controlnet.inference.pipeline import controlnet_pipeline, grid, hint_to_uint8, sample
+from nemo_controlnet.io import atomic_path
+from nemo_controlnet.models.controlnet import check_compatible, set_only_mid_control
+from nemo_controlnet.models.formats import read_metadata
+from nemo_controlnet.models.stack import build_stack, fingerprint, freeze
+
+log = logging.getLogger(__name__)
+
+
+def resolve_controlnet(path: str | Path) -> tuple[Path, Path | None]:
+    """(ControlNet directory, trained UNet directory or None) from a run_dir or a ControlNet dir."""
+    path = Path(path)
+    if (path / "controlnet" / "config.json").is_file():
+        unet = path / "unet"
+        return path / "controlnet", unet if (unet / "config.json").is_file() else None
+    if (path / "config.json").is_file():
+        unet = path.parent / "unet"
+        return path, unet if (path.parent / "controlnet" == path and (unet / "config.json").is_file()) else None
+    raise FileNotFoundError(f"controlnet={path}: neither a run_dir with controlnet/ nor a diffusers ControlNet directory")
+
+
+def load_hints(cfg: DictConfig, resolution: int, channels: int) -> torch.Tensor:
+    if cfg.hints and cfg.images:
+        raise ValueError("give either hints=[...] or images=[...] with hint=<detector>, not both")
+    if cfg.hints:
+        paths = [Path(p) for p in cfg.hints]
+        for p in paths:
+            if not p.is_file():
+                raise FileNotFoundError(f"hints: no file {p}")
+        return torch.stack([prepare_hint(Image.open(p), resolution, channels) for p in paths])
+    if cfg.images:
+        if not cfg.hint:
+            raise ValueError("images=[...] needs hint=<detector> (e.g. hint=canny) to compute the hints")
+        detector = get_hint(cfg.hint)
+        params = OmegaConf.to_container(cfg.get(cfg.hint) or {}, resolve=True)
+        hints = []
+        for p in map(Path, cfg.images):
+            if not p.is_file():
+                raise FileNotFoundError(f"images: no file {p}")
+            image = Image.open(p).convert("RGB")
+            # The hint is computed after the geometric transform, as in training.
+            image = ResizeCrop.center(*image.size, resolution).apply(image, Image.BICUBIC)
+            hints.append(hint_to_tensor(detector(image, **params), channels))
+        return torch.stack(hints)
+    raise ValueError("nothing to generate: give hints=[...] or images=[...] with hint=canny")
+
+
+def broadcast_prompts(prompts: list[str], n: int) -> list[str]:
+    prompts = list(prompts) or [""]
+    if len(prompts) == 1:
+        return prompts * n
+    if len(prompts) != n:
+        raise ValueError(f"prompts: {len(prompts)} given for {n} hints; give one, or one per hint")
+    return prompts
+
+
+def generate(cfg: DictConfig) -> list[Path]:
+    controlnet_dir, unet_dir = resolve_controlnet(cfg.controlnet)
+    meta = read_metadata(controlnet_dir)
+    model_cfg = OmegaConf.create(meta["base_model"]) if "base_model" in meta else cfg.model
+    log.info("base model: %s (%s)", model_cfg.get("name", "?"), "recorded with the ControlNet" if meta else "from config")
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    stack = build_stack(model_cfg)
+    if meta.get("base_fingerprint") and fingerprint(stack.unet, stack.vae, stack.text_encoder) != meta["base_fingerprint"]:
+        raise RuntimeError(
+            f"the base model built here differs from the one {controlnet_dir} was trained over "
+            f"(fingerprint {meta['base_fingerprint']}); point model= at that base"
+        )
+    unet = UNet2DConditionModel.from_pretrained(unet_dir, local_files_only=True) if unet_dir else stack.unet
+    controlnet = ControlNetModel.from_pretrained(controlnet_dir, local_files_only=True)
+    hint_channels = int(meta.get("hint", {}).get("channels", controlnet.config.conditioning_channels))
+    check_compatible(controlnet, unet, hint_channels)
+    set_only_mid_control(controlnet, bool(meta.get("only_mid_control", False)))
+    for module in (unet, stack.vae, stack.text_encoder, controlnet):
+        freeze(module, dtype).to(device)
+    log.info("models on %s in %s", device, dtype)
+
+    resolution = int(cfg.resolution or meta.get("resolution") or 512)
+    hints = load_hints(cfg, resolution, hint_channels)
+    prompts = broadcast_prompts(cfg.prompts, len(hints))
+    pipe = controlnet_pipeline(unet, controlnet, stack.vae, stack.text_encoder, stack.tokenizer,
+                               stack.noise_scheduler.config, cfg.sampler)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written, rows = [], []
+    bs = int(cfg.batch_size)
+    for start in tqdm(range(0, len(hints), bs), desc="generate", unit="batch"):
+        images = sample(pipe, prompts[start:start + bs], hints[start:start + bs],
+                        num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+                        control_scale=cfg.control_scale, seed=int(cfg.seed) + start, dtype=dtype,
+                        negative_prompt=cfg.negative_prompt)
+        for i, image in enumerate(images):
+            path = out_dir / f"{start + i:05d}.png"
+            with atomic_path(path) as tmp:
+                Image.fromarray(image).save(tmp, format="PNG")
+            written.append(path)
+            rows.append([hint_to_uint8(hints[start + i]), image])
+    with atomic_path(out_dir / "grid.png") as tmp:
+        Image.fromarray(grid(rows)).save(tmp, format="PNG")
+    log.info("wrote %d image(s) and grid.png to %s", len(written), out_dir)
+    return written

@@ -1,0 +1,79 @@
+"""A diffusers ControlNet pipeline over our modules (no copies), and sampling with it."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline, UniPCMultistepScheduler
+
+SAMPLERS = {"unipc": UniPCMultistepScheduler, "ddim": DDIMScheduler}
+
+
+def controlnet_pipeline(unet, controlnet, vae, text_encoder, tokenizer, scheduler_config, sampler: str = "unipc"):
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r}: choose one of {sorted(SAMPLERS)}")
+    pipe = StableDiffusionControlNetPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        controlnet=controlnet,
+        scheduler=SAMPLERS[sampler].from_config(scheduler_config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def sample(
+    pipe,
+    prompts: list[str],
+    hints: torch.Tensor,
+    *,
+    num_inference_steps: int = 20,
+    guidance_scale: float = 7.5,
+    control_scale: float = 1.0,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    negative_prompt: str | None = None,
+) -> np.ndarray:
+    """Images (N, H, W, 3) uint8 for prompts and hints (N, C, H, W) in [0, 1] (the training range).
+
+    Hints go in as tensors, so the pipeline sees exactly what training saw (its own image
+    preprocessing of a [0, 1] tensor is the identity).
+    """
+    device = pipe.unet.device
+    height, width = hints.shape[-2:]
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    autocast = (
+        torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    )
+    with autocast:
+        out = pipe(
+            prompt=list(prompts),
+            image=hints.to(device, torch.float32),
+            height=height,
+            width=width,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            controlnet_conditioning_scale=control_scale,
+            negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
+            generator=generator,
+            output_type="np",
+        )
+    return (np.clip(out.images, 0, 1) * 255).round().astype(np.uint8)
+
+
+def grid(rows: list[list[np.ndarray]]) -> np.ndarray:
+    """Rows of equal-size HWC uint8 images -> one image."""
+    return np.concatenate([np.concatenate(row, axis=1) for row in rows], axis=0)
+
+
+def hint_to_uint8(hint: torch.Tensor) -> np.ndarray:
+    arr = (hint.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    return np.repeat(arr, 3, axis=2) if arr.shape[2] == 1 else arr

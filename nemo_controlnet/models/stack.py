@@ -1,0 +1,107 @@
+"""The locked Stable Diffusion parts: build them from config, freeze them, place them.
+
+Each component is a Hydra ``_target_`` node: a diffusers/transformers class for a random-init
+architecture (seeded, so the same config always gives the same weights) or a ``from_pretrained``
+call on a local directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+from transformers import CLIPTokenizer
+from tokenizers.pre_tokenizers import ByteLevel
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+
+
+def byte_level_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
+    """A CLIP tokenizer over single bytes (no merges), built in memory.
+
+    It needs no vocabulary file, so the embedded default runs offline; 512 + 2 tokens.
+    """
+    symbols = sorted(ByteLevel.alphabet())
+    vocab = {tok: i for i, tok in enumerate(symbols + [s + "</w>" for s in symbols] + list(SPECIAL_TOKENS))}
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
+
+
+@dataclass
+class LockedStack:
+    """The parts of Stable Diffusion a ControlNet is trained over."""
+
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: CLIPTokenizer
+    noise_scheduler: object
+
+    def frozen_modules(self) -> dict[str, torch.nn.Module]:
+        return {"vae": self.vae, "text_encoder": self.text_encoder}
+
+
+def _instantiate_seeded(node: DictConfig, seed: int, name: str):
+    # Seeding right before each component makes its random init independent of the others' order.
+    torch.manual_seed(seed)
+    obj = instantiate(node)
+    if isinstance(obj, torch.nn.Module):
+        n = sum(p.numel() for p in obj.parameters())
+        log.info("built %s: %s, %.2fM parameters", name, type(obj).__name__, n / 1e6)
+    return obj
+
+
+def build_stack(model_cfg: DictConfig) -> LockedStack:
+    seed = int(model_cfg.seed)
+    cond = model_cfg.cond_stage_config
+    noise_scheduler = instantiate(model_cfg.scheduler_config)
+    if model_cfg.get("prediction_type"):
+        noise_scheduler.register_to_config(prediction_type=model_cfg.prediction_type)
+    return LockedStack(
+        unet=_instantiate_seeded(model_cfg.unet_config, seed, "unet"),
+        vae=_instantiate_seeded(model_cfg.first_stage_config, seed + 1, "vae"),
+        text_encoder=_instantiate_seeded(cond.text_encoder, seed + 2, "text_encoder"),
+        tokenizer=instantiate(cond.tokenizer),
+        noise_scheduler=noise_scheduler,
+    )
+
+
+def freeze(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A locked part: no gradients, eval mode, stored and run in the compute dtype."""
+    module.requires_grad_(False)
+    module.eval()
+    if any(p.dtype != dtype for p in module.parameters()):
+        module.to(dtype=dtype)
+    return module
+
+
+def fingerprint(*modules: torch.nn.Module) -> str:
+    """A cheap identity of weights (a strided sample of every tensor), to catch a base-model mismatch.
+
+    A ControlNet trained over one base and resumed, sampled or exported over another is the silent
+    misalignment this guards against.
+    """
+    h = hashlib.sha256()
+    for module in modules:
+        for name, tensor in sorted(module.state_dict().items()):
+            flat = tensor.detach().reshape(-1)
+            step = max(1, flat.numel() // 256)
+            h.update(name.encode())
+            h.update(str(tuple(tensor.shape)).encode())
+            h.update(flat[::step].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def compute_dtype(precision: str | int) -> torch.dtype:
+    """The dtype the locked parts run in, from Lightning's precision string."""
+    p = str(precision)
+    if p.startswith("bf16"):
+        return torch.bfloat16
+    if p.startswith("16"):
+        return torch.float16
+    return torch.float32

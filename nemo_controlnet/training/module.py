@@ -1,0 +1,161 @@
+"""The LightningModule: a trainable ControlNet over a locked Stable Diffusion."""
+
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from diffusers.optimization import get_scheduler
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from nemo_controlnet.models.controlnet import controlled_unet_forward, set_only_mid_control, unet_decoder_modules
+from nemo_controlnet.models.stack import build_stack, compute_dtype, fingerprint, freeze
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_META = "nemo_controlnet"
+
+
+class ControlNetModule(L.LightningModule):
+    def __init__(self, model_cfg: DictConfig, optim_cfg: DictConfig, precision: str | int = 32):
+        super().__init__()
+        self.model_cfg, self.optim_cfg = model_cfg, optim_cfg
+        self.sd_locked = bool(model_cfg.sd_locked)
+        self.control_key = model_cfg.control_key
+        self.control_scale = float(model_cfg.control_scale)
+        self.proportion_empty_prompts = float(model_cfg.proportion_empty_prompts)
+        self.locked_dtype = compute_dtype(precision)
+
+        stack = build_stack(model_cfg)
+        self.unet, self.vae, self.text_encoder = stack.unet, stack.vae, stack.text_encoder
+        self.tokenizer, self.noise_scheduler = stack.tokenizer, stack.noise_scheduler
+        self.prediction_type = self.noise_scheduler.config.prediction_type
+        # Identity of the base as built from config, before any of it trains.
+        self.base_fingerprint = fingerprint(self.unet, self.vae, self.text_encoder)
+        self.controlnet = instantiate(
+            model_cfg.control_stage_config, unet=self.unet, hint_channels=int(model_cfg.hint_channels)
+        )
+        set_only_mid_control(self.controlnet, bool(model_cfg.only_mid_control))
+
+        for module in (self.vae, self.text_encoder, self.unet):
+            freeze(module, self.locked_dtype)
+        if not self.sd_locked:
+            for module in unet_decoder_modules(self.unet):
+                module.requires_grad_(True).to(torch.float32).train()
+        log.info(
+            "locked parts in %s; trainable: controlnet%s", self.locked_dtype, "" if self.sd_locked else " + unet decoder"
+        )
+        # Checkpoints hold only the trainable weights; the locked ones come from the config.
+        self.strict_loading = False
+        self.data_position: tuple[int, int] = (0, -1)
+
+    # -- parameters ------------------------------------------------------------------------
+    def trainable_named_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+
+    def unet_decoder_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for m in unet_decoder_modules(self.unet) for p in m.parameters()]
+
+    def train(self, mode: bool = True):
+        # Lightning switches the whole module to train mode; the locked parts stay in eval.
+        super().train(mode)
+        for module in (self.vae, self.text_encoder, self.unet):
+            module.eval()
+        if not self.sd_locked:
+            for module in unet_decoder_modules(self.unet):
+                module.train(mode)
+        return self
+
+    # -- the step --------------------------------------------------------------------------
+    def encode_prompts(self, captions: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(
+            captions,
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+        return self.text_encoder(ids)[0]
+
+    def drop_captions(self, captions: list[str]) -> list[str]:
+        if self.proportion_empty_prompts <= 0:
+            return list(captions)
+        drop = torch.rand(len(captions)) < self.proportion_empty_prompts
+        return ["" if d else c for c, d in zip(captions, drop.tolist())]
+
+    def diffusion_loss(self, batch: dict, drop_captions: bool = True) -> torch.Tensor:
+        """The loss of diffusers' ControlNet example: noise, uniform timesteps, MSE on the target."""
+        image = batch["image"].to(self.locked_dtype)
+        hint = batch[self.control_key]
+        captions = self.drop_captions(batch["caption"]) if drop_captions else list(batch["caption"])
+        with torch.no_grad():
+            latents = self.vae.encode(image).latent_dist.sample() * self.vae.config.scaling_factor
+            encoder_hidden_states = self.encode_prompts(captions)
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(
+            0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
+        )
+        noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        pred = controlled_unet_forward(
+            self.unet, self.controlnet, noisy_latents, timesteps, encoder_hidden_states, hint, self.control_scale
+        )
+        if self.prediction_type == "epsilon":
+            target = noise
+        elif self.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            raise ValueError(f"model.prediction_type={self.prediction_type!r}: use epsilon or v_prediction")
+        return F.mse_loss(pred.float(), target.float())
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self.diffusion_loss(batch)
+        self.data_position = tuple(batch["data_position"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        return loss
+
+    # -- optimizer -------------------------------------------------------------------------
+    def configure_optimizers(self):
+        o = self.optim_cfg
+        groups = [{"params": [p for p in self.controlnet.parameters() if p.requires_grad], "lr": o.lr, "name": "controlnet"}]
+        if not self.sd_locked:
+            groups.append({"params": self.unet_decoder_parameters(), "lr": o.unet_lr, "name": "unet_decoder"})
+        fused = bool(o.fused) and self.device.type == "cuda"
+        optimizer = torch.optim.AdamW(
+            groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, fused=fused or None
+        )
+        log.info(
+            "AdamW%s: %s", " (fused)" if fused else "",
+            ", ".join(f"{g['name']} {sum(p.numel() for p in g['params']) / 1e6:.2f}M lr={g['lr']}" for g in groups),
+        )
+        scheduler = get_scheduler(
+            o.lr_scheduler, optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=self.trainer.max_steps
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        keep = set(self.trainable_named_parameters())
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in keep}
+        checkpoint[CHECKPOINT_META] = {
+            "base_fingerprint": self.base_fingerprint,
+            "sd_locked": self.sd_locked,
+            "data_position": list(self.data_position),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        meta = checkpoint.get(CHECKPOINT_META, {})
+        if meta.get("base_fingerprint") not in (None, self.base_fingerprint):
+            raise RuntimeError(
+                f"checkpoint was trained over base model {meta['base_fingerprint']}, but this config builds "
+                f"{self.base_fingerprint}: resume with the run's own model config, or start over with resume=false"
+            )
+        missing = sorted(set(self.trainable_named_parameters()) - set(checkpoint["state_dict"]))
+        if missing:
+            raise RuntimeError(
+                f"checkpoint lacks {len(missing)} trainable weight(s), first: {missing[0]} "
+                f"(was it written with another sd_locked? it says sd_locked={meta.get('sd_locked')})"
+            )
+        self.data_position = tuple(meta.get("data_position", (0, -1)))

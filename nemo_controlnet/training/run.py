@@ -1,0 +1,169 @@
+"""A training run: validate the config, prepare data, build, fit (resuming), export."""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from omegaconf import DictConfig, OmegaConf
+
+from nemo_controlnet import __version__
+from nemo_controlnet.config import validate_train_config
+from nemo_controlnet.data.datamodule import ShardDataModule, validation_samples
+from nemo_controlnet.data.synthetic import write_shapes_dataset
+from nemo_controlnet.io import atomic_path
+from nemo_controlnet.models.formats import export_controlnet
+from nemo_controlnet.training.callbacks import StepCheckpoint, ValidationImages
+from nemo_controlnet.training.checkpoint import AtomicCheckpointIO, latest_checkpoint, list_checkpoints
+from nemo_controlnet.training.module import ControlNetModule
+
+log = logging.getLogger(__name__)
+
+RUN_CONFIG = "config.yaml"
+
+
+def ensure_synthetic_data(data_cfg: DictConfig) -> None:
+    """The embedded default writes its shapes dataset on first use."""
+    synthetic = data_cfg.get("synthetic")
+    if not synthetic:
+        return
+    for split in synthetic.values():
+        write_shapes_dataset(**OmegaConf.to_container(split, resolve=True))
+
+
+def _set_aside_old_checkpoints(ckpt_dir: Path) -> None:
+    """``resume=false`` starts over without destroying the previous run's checkpoints."""
+    if list_checkpoints(ckpt_dir):
+        aside = ckpt_dir.with_name(f"checkpoints.previous-{time.strftime('%Y%m%d-%H%M%S')}")
+        ckpt_dir.rename(aside)
+        log.warning("resume=false: moved existing checkpoints to %s", aside)
+
+
+def _write_run_config(cfg: DictConfig, run_dir: Path) -> None:
+    with atomic_path(run_dir / RUN_CONFIG) as tmp:
+        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+def _logger(cfg: DictConfig, run_dir: Path):
+    if cfg.logger == "tensorboard":
+        return TensorBoardLogger(save_dir=str(run_dir), name="logs", version="")
+    if cfg.logger == "csv":
+        return CSVLogger(save_dir=str(run_dir), name="logs", version="")
+    return False
+
+
+def check_resolution(module: ControlNetModule, resolution: int) -> None:
+    """The latent grid must halve cleanly through every UNet down block."""
+    vae_factor = 2 ** (len(module.vae.config.block_out_channels) - 1)
+    unet_factor = 2 ** (len(module.unet.config.block_out_channels) - 1)
+    if resolution % (vae_factor * unet_factor):
+        raise ValueError(
+            f"data.resolution={resolution} must be a multiple of {vae_factor * unet_factor} "
+            f"(VAE x{vae_factor}, UNet x{unet_factor})"
+        )
+
+
+def export_metadata(cfg: DictConfig, module: ControlNetModule, step: int) -> dict:
+    return {
+        "nemo_controlnet_version": __version__,
+        "global_step": step,
+        "base_model": OmegaConf.to_container(cfg.model, resolve=True),
+        "base_fingerprint": module.base_fingerprint,
+        "sd_locked": module.sd_locked,
+        "only_mid_control": bool(cfg.model.only_mid_control),
+        "control_scale": module.control_scale,
+        "hint": {"channels": int(cfg.model.hint_channels), "range": "[0, 1]", "channel_order": "RGB"},
+        "resolution": int(cfg.data.resolution),
+        "data": OmegaConf.to_container(OmegaConf.create({"shards": cfg.data.shards}), resolve=True)["shards"],
+        "batch_size": int(cfg.data.batch_size),
+    }
+
+
+def export_run(cfg: DictConfig, module: ControlNetModule, run_dir: Path, step: int) -> Path:
+    unet = None if module.sd_locked else module.unet
+    return export_controlnet(module.controlnet, run_dir / "controlnet", export_metadata(cfg, module, step), unet=unet)
+
+
+def train(cfg: DictConfig) -> Path:
+    validate_train_config(cfg)
+    run_dir = Path(cfg.run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log.info("run_dir %s (torch %s, cuda %s)", run_dir.resolve(), torch.__version__, torch.cuda.is_available())
+
+    ensure_synthetic_data(cfg.data)
+    ckpt_path = None
+    if cfg.resume:
+        ckpt_path = latest_checkpoint(ckpt_dir)
+        log.info("resuming from %s", ckpt_path) if ckpt_path else log.info("no checkpoint in %s: starting fresh", ckpt_dir)
+    else:
+        _set_aside_old_checkpoints(ckpt_dir)
+    _write_run_config(cfg, run_dir)
+
+    L.seed_everything(cfg.seed, workers=True)
+    module = ControlNetModule(cfg.model, cfg.optim, cfg.trainer.precision)
+    check_resolution(module, int(cfg.data.resolution))
+    datamodule = ShardDataModule(cfg.data, int(cfg.model.hint_channels), int(cfg.seed))
+    prompts, hints = validation_samples(cfg.validation, cfg.data, int(cfg.model.hint_channels))
+
+    logger = _logger(cfg, run_dir)
+    callbacks = [
+        StepCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last),
+        ValidationImages(run_dir / "samples", prompts, hints, cfg.validation.every_n_steps,
+                         cfg.validation.num_inference_steps, cfg.validation.guidance_scale,
+                         cfg.validation.seed, cfg.validation.sampler),
+        TQDMProgressBar(refresh_rate=1),
+    ]
+    if logger:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    trainer = L.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        default_root_dir=str(run_dir),
+        logger=logger,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        enable_checkpointing=False,  # StepCheckpoint writes them
+        num_sanity_val_steps=0,
+    )
+    effective = int(cfg.data.batch_size) * trainer.world_size * int(cfg.trainer.get("accumulate_grad_batches", 1))
+    log.info(
+        "effective batch %d = %d per device x %d device(s) x %d accumulation; max_steps %d",
+        effective, cfg.data.batch_size, trainer.world_size, cfg.trainer.get("accumulate_grad_batches", 1),
+        cfg.trainer.max_steps,
+    )
+    with warnings.catch_warnings():
+        # The locked parts stay in eval mode by design; the endless stream has no length by design.
+        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+
+    if cfg.export.enabled and trainer.is_global_zero:
+        export_run(cfg, module, run_dir, trainer.global_step)
+    return run_dir
+
+
+def load_run_config(run_dir: str | Path) -> DictConfig:
+    path = Path(run_dir) / RUN_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a training run directory (no {RUN_CONFIG})")
+    return OmegaConf.load(path)
+
+
+def export_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
+    """Re-export a run's ControlNet from a checkpoint (default: the newest complete one)."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir / "checkpoints")
+    if path is None or not path.is_file():
+        raise FileNotFoundError(f"no checkpoint to export in {run_dir / 'checkpoints'}")
+    module = ControlNetModule(cfg.model, cfg.optim, cfg.trainer.precision)
+    state = AtomicCheckpointIO().load_checkpoint(path)
+    module.on_load_checkpoint(state)
+    module.load_state_dict(state["state_dict"], strict=False)
+    return export_run(cfg, module, run_dir, int(state["global_step"]))
