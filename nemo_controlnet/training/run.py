@@ -9,7 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -90,7 +90,7 @@ def export_run(cfg: DictConfig, module: ControlNetModule, run_dir: Path, step: i
     return export_controlnet(module.controlnet, run_dir / "controlnet", export_metadata(cfg, module, step), unet=unet)
 
 
-def train(cfg: DictConfig) -> Path:
+def train(cfg: DictConfig) -> tuple[L.Trainer, ControlNetModule]:
     validate_train_config(cfg)
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
@@ -118,7 +118,6 @@ def train(cfg: DictConfig) -> Path:
         ValidationImages(run_dir / "samples", prompts, hints, cfg.validation.every_n_steps,
                          cfg.validation.num_inference_steps, cfg.validation.guidance_scale,
                          cfg.validation.seed, cfg.validation.sampler),
-        TQDMProgressBar(refresh_rate=1),
     ]
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
@@ -145,7 +144,7 @@ def train(cfg: DictConfig) -> Path:
 
     if cfg.export.enabled and trainer.is_global_zero:
         export_run(cfg, module, run_dir, trainer.global_step)
-    return run_dir
+    return trainer, module
 
 
 def load_run_config(run_dir: str | Path) -> DictConfig:

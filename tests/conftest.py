@@ -1,0 +1,56 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+from hydra import compose, initialize_config_module  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+from nemo_controlnet.data.synthetic import write_shapes_dataset  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def shapes_dir(tmp_path_factory) -> Path:
+    """A small shapes dataset: 4 train shards of 16 samples, 1 validation shard of 4."""
+    root = tmp_path_factory.mktemp("shapes")
+    write_shapes_dataset(root / "train", num_samples=64, shard_size=16, resolution=64, seed=0)
+    write_shapes_dataset(root / "val", num_samples=4, shard_size=4, resolution=64, seed=1)
+    return root
+
+
+def compose_train(overrides: list[str] = ()) -> DictConfig:
+    with initialize_config_module(config_module="nemo_controlnet.conf", version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+@pytest.fixture
+def train_cfg(tmp_path, shapes_dir):
+    """The embedded default config, shrunk for tests, pointing at tmp dirs. Call with overrides."""
+
+    def make(*overrides: str) -> DictConfig:
+        base = [
+            f"run_dir={tmp_path / 'run'}",
+            f"data.shards={shapes_dir / 'train'}",
+            f"data.validation_shards={shapes_dir / 'val'}",
+            "data.synthetic=null",
+            "data.batch_size=4",
+            "data.num_workers=0",
+            "data.shuffle_buffer=16",
+            "trainer.max_steps=4",
+            "trainer.log_every_n_steps=1",
+            "trainer.enable_progress_bar=false",
+            "+trainer.enable_model_summary=false",
+            "checkpoint.every_n_steps=2",
+            "validation.every_n_steps=0",
+            "validation.num_samples=2",
+            "validation.num_inference_steps=2",
+            "logger=csv",
+        ]
+        cfg = compose_train(base + list(overrides))
+        OmegaConf.set_struct(cfg, False)
+        return cfg
+
+    return make
