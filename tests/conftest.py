@@ -42,7 +42,7 @@ def train_cfg(tmp_path, shapes_dir):
             "trainer.max_steps=4",
             "trainer.log_every_n_steps=1",
             "trainer.enable_progress_bar=false",
-            "+trainer.enable_model_summary=false",
+            "trainer.enable_model_summary=false",
             "checkpoint.every_n_steps=2",
             "validation.every_n_steps=0",
             "validation.num_samples=2",

@@ -54,7 +54,8 @@ def _logger(cfg: DictConfig, run_dir: Path):
     if cfg.logger == "tensorboard":
         return TensorBoardLogger(save_dir=str(run_dir), name="logs", version="")
     if cfg.logger == "csv":
-        return CSVLogger(save_dir=str(run_dir), name="logs", version="")
+        # A new version folder per (resumed) segment: the CSV logger rewrites its directory's file.
+        return CSVLogger(save_dir=str(run_dir), name="logs")
     return False
 
 

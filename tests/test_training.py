@@ -1,0 +1,273 @@
+"""Training: end to end, resume (also after kill -9), what trains and what is saved, options."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from diffusers import ControlNetModel
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from PIL import Image
+
+from nemo_controlnet.config import ConfigError, validate_train_config
+from nemo_controlnet.data.datamodule import validation_samples
+from nemo_controlnet.inference.generate import generate
+from nemo_controlnet.inference.pipeline import controlnet_pipeline
+from nemo_controlnet.models.stack import build_stack
+from nemo_controlnet.training.checkpoint import latest_checkpoint, list_checkpoints
+from nemo_controlnet.training.module import ControlNetModule
+from nemo_controlnet.training.run import export_checkpoint, train
+from tests.conftest import compose_train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _state(module: torch.nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_end_to_end_train_resume_export_generate(train_cfg, shapes_dir, tmp_path):
+    cfg = train_cfg()
+    trainer, module = train(cfg)
+    run = Path(cfg.run_dir)
+    assert trainer.global_step == 4
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [2, 4]
+    assert module.data_position == (0, 3)  # four batches consumed
+    assert (run / "config.yaml").is_file() and OmegaConf.load(run / "config.yaml").data.batch_size == 4
+    grids = sorted(p.name for p in (run / "samples").glob("*.png"))
+    assert grids == ["step_0000000.png", "step_0000004.png"]
+    assert Image.open(run / "samples" / "step_0000004.png").size == (128, 128)  # 2 rows of hint | sample
+
+    # Run again with more steps: resumes at step 4 and continues the data stream, no replay.
+    trainer2, module2 = train(train_cfg("trainer.max_steps=6"))
+    assert trainer2.global_step == 6
+    assert module2.data_position == (0, 5)
+    assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [4, 6]  # keep_last=2
+
+    exported = ControlNetModel.from_pretrained(run / "controlnet")
+    for key, value in module2.controlnet.state_dict().items():
+        assert torch.equal(exported.state_dict()[key], value), key
+
+    hint_path = tmp_path / "hint.png"
+    Image.fromarray((validation_samples(cfg.validation, cfg.data, 3)[1][0] * 255).byte().permute(1, 2, 0).numpy()).save(hint_path)
+    gen_cfg = OmegaConf.create({
+        "controlnet": str(run), "model": None, "hints": [str(hint_path)], "images": [], "hint": None,
+        "prompts": ["red circle with blue background"], "negative_prompt": None, "resolution": None,
+        "num_inference_steps": 2, "guidance_scale": 7.5, "control_scale": 1.0, "seed": 0, "batch_size": 2,
+        "sampler": "unipc", "device": "cpu", "out_dir": str(tmp_path / "gen"),
+    })
+    written = generate(gen_cfg)
+    assert [p.name for p in written] == ["00000.png"]
+    assert Image.open(written[0]).size == (64, 64)
+    assert (tmp_path / "gen" / "grid.png").is_file()
+
+
+def test_locked_weights_unchanged_controlnet_changed(train_cfg):
+    cfg = train_cfg("checkpoint.every_n_steps=0", "validation.num_samples=0")
+    fresh = build_stack(cfg.model)
+    fresh_controlnet = instantiate(cfg.model.control_stage_config, unet=fresh.unet, hint_channels=3)
+    _, module = train(cfg)
+    for name, part in (("unet", fresh.unet), ("vae", fresh.vae), ("text_encoder", fresh.text_encoder)):
+        for key, value in part.state_dict().items():
+            assert torch.equal(getattr(module, name).state_dict()[key], value), f"{name}.{key} changed"
+    changed = [k for k, v in fresh_controlnet.state_dict().items() if not torch.equal(module.controlnet.state_dict()[k], v)]
+    assert any(k.startswith("controlnet_down_blocks") for k in changed)
+    assert any(k.startswith("down_blocks") for k in changed)
+
+
+def test_checkpoint_holds_only_trainable_weights(train_cfg):
+    cfg = train_cfg("trainer.max_steps=2", "validation.num_samples=0")
+    train(cfg)
+    ckpt = torch.load(latest_checkpoint(Path(cfg.run_dir) / "checkpoints"), weights_only=True)
+    keys = set(ckpt["state_dict"])
+    assert keys and all(k.startswith("controlnet.") for k in keys)
+    assert ckpt["nemo_controlnet"]["data_position"] == [0, 1]
+    assert "optimizer_states" in ckpt and ckpt["global_step"] == 2
+
+
+@pytest.mark.parametrize("sd_locked", [True, False])
+def test_optimizer_holds_exactly_the_trainable_parameters(sd_locked):
+    cfg = compose_train([f"model.sd_locked={str(sd_locked).lower()}", "optim.unet_lr=3e-6"])
+    module = ControlNetModule(cfg.model, cfg.optim)
+    module.trainer = L.Trainer(max_steps=10, logger=False, enable_checkpointing=False)
+    optimizer = module.configure_optimizers()["optimizer"]
+    in_optimizer = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    trainable = {id(p) for p in module.parameters() if p.requires_grad}
+    assert in_optimizer == trainable
+    assert {id(p) for p in module.controlnet.parameters()} <= in_optimizer
+    for frozen in (module.vae, module.text_encoder, module.unet.down_blocks, module.unet.mid_block):
+        assert not {id(p) for p in frozen.parameters()} & in_optimizer
+    decoder = {id(p) for p in module.unet.up_blocks.parameters()} | {id(p) for p in module.unet.conv_out.parameters()}
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    if sd_locked:
+        assert list(groups) == ["controlnet"] and not decoder & in_optimizer
+    else:
+        assert decoder <= in_optimizer and groups["unet_decoder"]["initial_lr"] == 3e-6
+        assert {id(p) for p in groups["unet_decoder"]["params"]} == decoder | {id(p) for p in module.unet.conv_norm_out.parameters()}
+
+
+def test_unlocked_decoder_trains_and_is_exported(train_cfg):
+    cfg = train_cfg("model.sd_locked=false", "optim.unet_lr=1e-3", "trainer.max_steps=2", "validation.num_samples=0")
+    fresh = build_stack(cfg.model)
+    _, module = train(cfg)
+    assert not torch.equal(module.unet.conv_out.weight, fresh.unet.conv_out.weight)
+    assert torch.equal(module.unet.conv_in.weight, fresh.unet.conv_in.weight)  # the encoder stays locked
+    ckpt = torch.load(latest_checkpoint(Path(cfg.run_dir) / "checkpoints"), weights_only=True)
+    assert any(k.startswith("unet.up_blocks") for k in ckpt["state_dict"])
+    assert not any(k.startswith("unet.down_blocks") for k in ckpt["state_dict"])
+    assert (Path(cfg.run_dir) / "unet" / "config.json").is_file()
+
+
+def test_resume_false_starts_over_keeping_the_old_checkpoints(train_cfg):
+    cfg = train_cfg("trainer.max_steps=2", "validation.num_samples=0")
+    train(cfg)
+    trainer, _ = train(train_cfg("trainer.max_steps=2", "validation.num_samples=0", "resume=false"))
+    run = Path(cfg.run_dir)
+    assert trainer.global_step == 2
+    aside = list(run.glob("checkpoints.previous-*"))
+    assert len(aside) == 1 and [s for s, _ in list_checkpoints(aside[0])] == [2]
+
+
+def test_resume_over_another_base_is_refused(train_cfg):
+    train(train_cfg("trainer.max_steps=2", "validation.num_samples=0"))
+    with pytest.raises(RuntimeError, match="trained over base model"):
+        train(train_cfg("trainer.max_steps=4", "validation.num_samples=0", "model.seed=1"))
+
+
+def test_export_from_checkpoint_matches_training(train_cfg):
+    cfg = train_cfg("trainer.max_steps=2", "validation.num_samples=0", "export.enabled=false")
+    _, module = train(cfg)
+    out = export_checkpoint(cfg.run_dir)
+    exported = ControlNetModel.from_pretrained(out)
+    for key, value in module.controlnet.state_dict().items():
+        assert torch.equal(exported.state_dict()[key], value), key
+
+
+def test_killed_run_resumes_from_newest_complete_checkpoint(train_cfg):
+    cfg = train_cfg()
+    run = Path(cfg.run_dir)
+    args = [sys.executable, "-m", "nemo_controlnet.cli.train", f"run_dir={run}",
+            f"data.shards={cfg.data.shards}", "data.synthetic=null", "data.num_workers=0", "data.batch_size=2",
+            "trainer.max_steps=100000", "checkpoint.every_n_steps=3", "checkpoint.keep_last=0",
+            "validation.num_samples=0", "logger=none", "trainer.enable_progress_bar=false"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 120
+        while len(list_checkpoints(run / "checkpoints")) < 3:
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "no checkpoints written"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    ckpts = run / "checkpoints"
+    newest_step, newest = list_checkpoints(ckpts)[-1]
+    # What a kill during a write, or a damaged disk, can leave behind:
+    (ckpts / ".step=9999998.ckpt.tmp-123").write_bytes(newest.read_bytes()[:1000])
+    (ckpts / "step=9999999.ckpt").write_bytes(newest.read_bytes()[:5000])
+    assert latest_checkpoint(ckpts) == newest
+    trainer, _ = train(train_cfg(f"trainer.max_steps={newest_step + 1}", "validation.num_samples=0",
+                                 "checkpoint.every_n_steps=3", "checkpoint.keep_last=0"))
+    assert trainer.global_step == newest_step + 1
+
+
+def test_hint_in_training_batch_equals_pipeline_input(shapes_dir):
+    """Same range, channel order and pixels: what training sees is what generation feeds."""
+    cfg = compose_train([f"validation.shards={shapes_dir / 'val'}", "validation.num_samples=2"])
+    prompts, hints = validation_samples(cfg.validation, cfg.data, 3)  # the loader's decode path
+    stack = build_stack(cfg.model)
+    controlnet = instantiate(cfg.model.control_stage_config, unet=stack.unet, hint_channels=3)
+    pipe = controlnet_pipeline(stack.unet, controlnet, stack.vae, stack.text_encoder, stack.tokenizer,
+                               stack.noise_scheduler.config)
+    as_pil = [Image.fromarray((h * 255).round().byte().permute(1, 2, 0).numpy()) for h in hints]
+    from_pil = pipe.prepare_image(as_pil, 64, 64, 2, 1, torch.device("cpu"), torch.float32)
+    from_tensor = pipe.prepare_image(hints, 64, 64, 2, 1, torch.device("cpu"), torch.float32)
+    assert torch.allclose(from_pil, hints, atol=1e-6)  # pipeline: [0, 1] RGB, like the batch
+    assert torch.equal(from_tensor, hints)  # and our tensors pass through unchanged
+    assert hints.min() >= 0 and 0.5 < hints.max() <= 1
+
+
+def test_command_line_overrides_reach_the_model():
+    cfg = compose_train(["model.hint_channels=1", "model.only_mid_control=true", "model.unet_config.layers_per_block=2",
+                         "model.control_scale=0.5", "model.proportion_empty_prompts=0.0"])
+    module = ControlNetModule(cfg.model, cfg.optim)
+    assert module.controlnet.config.conditioning_channels == 1
+    assert module.unet.config.layers_per_block == 2 and module.controlnet.config.layers_per_block == 2
+    assert module.controlnet._only_mid_control_hook is not None
+    assert module.control_scale == 0.5 and module.proportion_empty_prompts == 0.0
+
+
+def test_bad_config_fails_fast_naming_the_key(monkeypatch):
+    def must_not_build(*a, **k):
+        raise AssertionError("a model was built before the config was checked")
+
+    monkeypatch.setattr("nemo_controlnet.training.run.ControlNetModule", must_not_build)
+    cfg = compose_train(["data.batch_size=0", "model.proportion_empty_prompts=1.5", "trainer.precision=bf17"])
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    message = str(err.value)
+    assert "data.batch_size=0" in message and "model.proportion_empty_prompts=1.5" in message
+    assert "trainer.precision='bf17'" in message
+    validate_train_config(compose_train())  # the default is valid
+
+
+def test_caption_dropout_and_prediction_targets():
+    cfg = compose_train(["model.proportion_empty_prompts=1.0"])
+    module = ControlNetModule(cfg.model, cfg.optim)
+    assert module.drop_captions(["a", "b", "c"]) == ["", "", ""]
+    module.proportion_empty_prompts = 0.0
+    assert module.drop_captions(["a", "b"]) == ["a", "b"]
+    module.proportion_empty_prompts = 0.5
+    torch.manual_seed(0)
+    dropped = sum(c == "" for c in module.drop_captions(["x"] * 2000))
+    assert 900 < dropped < 1100
+
+
+def test_v_prediction_loss_uses_the_velocity_target():
+    cfg = compose_train(["model.prediction_type=v_prediction", "model.proportion_empty_prompts=0.0"])
+    module = ControlNetModule(cfg.model, cfg.optim)
+    assert module.noise_scheduler.config.prediction_type == "v_prediction"
+    batch = {"image": torch.rand(2, 3, 64, 64) * 2 - 1, "hint": torch.rand(2, 3, 64, 64), "caption": ["a", "b"]}
+    torch.manual_seed(3)
+    loss = module.diffusion_loss(batch)
+    # The same draws, by hand: latents, noise, timesteps, then the v target.
+    torch.manual_seed(3)
+    with torch.no_grad():
+        latents = module.vae.encode(batch["image"]).latent_dist.sample() * module.vae.config.scaling_factor
+        ehs = module.encode_prompts(batch["caption"])
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (2,))
+        noisy = module.noise_scheduler.add_noise(latents, noise, t)
+        down, mid = module.controlnet(noisy, t, ehs, controlnet_cond=batch["hint"], return_dict=False)
+        pred = module.unet(noisy, t, ehs, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+    v = module.noise_scheduler.get_velocity(latents, noise, t)
+    assert torch.allclose(loss, torch.nn.functional.mse_loss(pred, v), atol=1e-6)
+    assert not torch.allclose(loss, torch.nn.functional.mse_loss(pred, noise), atol=1e-4)
+
+
+def test_validation_keeps_train_mode_and_rng(train_cfg):
+    cfg = train_cfg("trainer.max_steps=1")
+    _, module = train(cfg)
+    from nemo_controlnet.training.callbacks import ValidationImages
+
+    prompts, hints = validation_samples(cfg.validation, cfg.data, 3)
+    callback = ValidationImages(Path(cfg.run_dir) / "val-test", prompts, hints, every_n_steps=1, num_inference_steps=2)
+    trainer = L.Trainer(logger=False, enable_checkpointing=False, max_steps=1)
+    module.train()
+    torch.manual_seed(11)
+    expected = torch.rand(3)
+    torch.manual_seed(11)
+    callback.fire(trainer, module, 7)
+    assert torch.equal(torch.rand(3), expected)  # sampling did not consume the training RNG
+    assert module.training and module.controlnet.training and not module.vae.training
+    picture = np.asarray(Image.open(Path(cfg.run_dir) / "val-test" / "step_0000007.png"))
+    assert picture.shape == (128, 128, 3)
+    assert np.array_equal(picture[:64, :64], (hints[0] * 255).round().byte().permute(1, 2, 0).numpy())
