@@ -9,8 +9,14 @@ from omegaconf import DictConfig, OmegaConf
 PRECISIONS = {"32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64", "64-true"}
 PREDICTION_TYPES = {"epsilon", "v_prediction"}
 LR_SCHEDULERS = {"constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"}
-MODEL_NODES = ("unet_config", "first_stage_config", "cond_stage_config.text_encoder",
-               "cond_stage_config.tokenizer", "scheduler_config", "control_stage_config")
+MODEL_NODES = (
+    "unet_config",
+    "first_stage_config",
+    "cond_stage_config.text_encoder",
+    "cond_stage_config.tokenizer",
+    "scheduler_config",
+    "control_stage_config",
+)
 
 
 class ConfigError(ValueError):
@@ -66,7 +72,12 @@ def check_model(c: _Checker, prefix: str = "model") -> None:
     c.check(f"{prefix}.only_mid_control", lambda v: isinstance(v, bool), "true or false")
     c.check(f"{prefix}.control_scale", lambda v: _number(v) and v >= 0, "a number >= 0")
     c.check(f"{prefix}.proportion_empty_prompts", lambda v: _number(v) and 0 <= v <= 1, "a number in [0, 1]")
-    c.check(f"{prefix}.prediction_type", lambda v: v in PREDICTION_TYPES, f"one of {sorted(PREDICTION_TYPES)}", required=False)
+    c.check(
+        f"{prefix}.prediction_type",
+        lambda v: v in PREDICTION_TYPES,
+        f"one of {sorted(PREDICTION_TYPES)}",
+        required=False,
+    )
 
 
 def validate_train_config(cfg: DictConfig) -> None:
@@ -76,7 +87,9 @@ def validate_train_config(cfg: DictConfig) -> None:
     c.check("seed", _is_int, "an integer")
     check_model(c)
     c.check("model.control_key", lambda v: v == "hint", "'hint' (the loader's hint key in the batch)")
-    c.check("data.shards", lambda v: isinstance(v, str) or OmegaConf.is_list(v), "a path, brace pattern, directory or list")
+    c.check(
+        "data.shards", lambda v: isinstance(v, str) or OmegaConf.is_list(v), "a path, brace pattern, directory or list"
+    )
     c.check("data.resolution", lambda v: _pos_int(v) and v % 8 == 0, "a positive multiple of 8")
     c.check("data.batch_size", _pos_int, "a positive integer")
     c.check("data.num_workers", _nonneg_int, "an integer >= 0")

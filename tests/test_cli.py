@@ -16,15 +16,27 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _run(module: str, *overrides: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", f"nemo_controlnet.cli.{module}", *overrides],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", f"nemo_controlnet.cli.{module}", *overrides],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
 
 def test_synth_and_generate_from_images_with_canny(train_cfg, tmp_path):
-    _run("synth", f"dataset.out_dir={tmp_path / 'synth'}", "dataset.num_samples=6", "dataset.shard_size=4",
-         "dataset.resolution=32", cwd=tmp_path)
+    _run(
+        "synth",
+        f"dataset.out_dir={tmp_path / 'synth'}",
+        "dataset.num_samples=6",
+        "dataset.shard_size=4",
+        "dataset.resolution=32",
+        cwd=tmp_path,
+    )
     assert len(expand_shards(tmp_path / "synth")) == 2
 
     cfg = train_cfg("trainer.max_steps=1", "validation.num_samples=0")
@@ -33,8 +45,16 @@ def test_synth_and_generate_from_images_with_canny(train_cfg, tmp_path):
     photo[20:60, 40:80] = (200, 30, 30)  # a red square: canny finds its outline
     Image.fromarray(photo).save(tmp_path / "photo.jpg")
     out = tmp_path / "gen"
-    _run("generate", f"controlnet={cfg.run_dir}", f"images=[{tmp_path / 'photo.jpg'}]", "hint=canny",
-         "prompts=[red square]", "num_inference_steps=2", f"out_dir={out}", cwd=tmp_path)
+    _run(
+        "generate",
+        f"controlnet={cfg.run_dir}",
+        f"images=[{tmp_path / 'photo.jpg'}]",
+        "hint=canny",
+        "prompts=[red square]",
+        "num_inference_steps=2",
+        f"out_dir={out}",
+        cwd=tmp_path,
+    )
     assert Image.open(out / "00000.png").size == (64, 64)
     grid = np.asarray(Image.open(out / "grid.png"))
     hint = grid[:, :64]
@@ -46,8 +66,21 @@ def test_synth_and_generate_from_images_with_canny(train_cfg, tmp_path):
 
 def test_bad_override_names_the_key(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, "-m", "nemo_controlnet.cli.train", f"run_dir={tmp_path / 'r'}",
-                           "data.synthetic=null", f"data.shards={tmp_path}", "optim.lr=-1"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "nemo_controlnet.cli.train",
+            f"run_dir={tmp_path / 'r'}",
+            "data.synthetic=null",
+            f"data.shards={tmp_path}",
+            "optim.lr=-1",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "optim.lr=-1" in proc.stderr

@@ -118,7 +118,9 @@ def test_paired_resize_crop_keeps_image_and_hint_aligned():
     edge_img = int(np.argmax(np.asarray(img)[32, :, 0] > 127))
     edge_hint = int(np.argmax(np.asarray(h)[32, :, 0]))
     assert edge_img == 60 - 16 and abs(edge_hint - edge_img) <= 1
-    assert torch.equal(prepare_hint(Image.fromarray(hint), 64), torch.from_numpy(np.asarray(h) / 255.0).permute(2, 0, 1).float())
+    assert torch.equal(
+        prepare_hint(Image.fromarray(hint), 64), torch.from_numpy(np.asarray(h) / 255.0).permute(2, 0, 1).float()
+    )
     with pytest.raises(ValueError, match="differ"):
         paired_resize_crop(Image.fromarray(image), Image.fromarray(hint[:, :90]), 64)
 

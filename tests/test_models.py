@@ -30,8 +30,11 @@ def _inputs(stack, hint_channels=3, seed=0):
 def _perturb_zero_convs(controlnet, seed=1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for m in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
-                  controlnet.controlnet_cond_embedding.conv_out]:
+        for m in [
+            *controlnet.controlnet_down_blocks,
+            controlnet.controlnet_mid_block,
+            controlnet.controlnet_cond_embedding.conv_out,
+        ]:
             for p in m.parameters():
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
 
@@ -49,8 +52,11 @@ def test_controlnet_copies_unet_encoder_and_middle(parts):
 
 def test_zero_convolutions_are_zero_at_init(parts):
     _, _, controlnet = parts
-    zero = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
-            controlnet.controlnet_cond_embedding.conv_out]
+    zero = [
+        *controlnet.controlnet_down_blocks,
+        controlnet.controlnet_mid_block,
+        controlnet.controlnet_cond_embedding.conv_out,
+    ]
     for module in zero:
         for p in module.parameters():
             assert torch.count_nonzero(p) == 0

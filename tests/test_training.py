@@ -56,17 +56,43 @@ def test_end_to_end_train_resume_export_generate(train_cfg, shapes_dir, tmp_path
         assert torch.equal(exported.state_dict()[key], value), key
 
     hint_path = tmp_path / "hint.png"
-    Image.fromarray((validation_samples(cfg.validation, cfg.data, 3)[1][0] * 255).byte().permute(1, 2, 0).numpy()).save(hint_path)
-    gen_cfg = OmegaConf.create({
-        "controlnet": str(run), "model": None, "hints": [str(hint_path)], "images": [], "hint": None,
-        "prompts": ["red circle with blue background"], "negative_prompt": None, "resolution": None,
-        "num_inference_steps": 2, "guidance_scale": 7.5, "control_scale": 1.0, "seed": 0, "batch_size": 2,
-        "sampler": "unipc", "device": "cpu", "out_dir": str(tmp_path / "gen"),
-    })
+    Image.fromarray((validation_samples(cfg.validation, cfg.data, 3)[1][0] * 255).byte().permute(1, 2, 0).numpy()).save(
+        hint_path
+    )
+    gen_cfg = OmegaConf.create(
+        {
+            "controlnet": str(run),
+            "model": None,
+            "hints": [str(hint_path)],
+            "images": [],
+            "hint": None,
+            "prompts": ["red circle with blue background"],
+            "negative_prompt": None,
+            "resolution": None,
+            "num_inference_steps": 2,
+            "guidance_scale": 7.5,
+            "control_scale": 1.0,
+            "seed": 0,
+            "batch_size": 2,
+            "sampler": "unipc",
+            "device": "cpu",
+            "out_dir": str(tmp_path / "gen"),
+        }
+    )
     written = generate(gen_cfg)
     assert [p.name for p in written] == ["00000.png"]
     assert Image.open(written[0]).size == (64, 64)
     assert (tmp_path / "gen" / "grid.png").is_file()
+
+
+def test_interrupted_run_ends_bitwise_equal_to_uninterrupted(train_cfg, tmp_path):
+    """Weights, optimizer, schedule, data position and RNG all resume: 2 + 2 steps == 4 steps."""
+    _, straight = train(train_cfg("validation.num_samples=0", f"run_dir={tmp_path / 'a'}"))
+    train(train_cfg("validation.num_samples=0", f"run_dir={tmp_path / 'b'}", "trainer.max_steps=2"))
+    _, resumed = train(train_cfg("validation.num_samples=0", f"run_dir={tmp_path / 'b'}"))
+    assert resumed.data_position == straight.data_position == (0, 3)
+    for key, value in straight.controlnet.state_dict().items():
+        assert torch.equal(resumed.controlnet.state_dict()[key], value), key
 
 
 def test_locked_weights_unchanged_controlnet_changed(train_cfg):
@@ -77,7 +103,9 @@ def test_locked_weights_unchanged_controlnet_changed(train_cfg):
     for name, part in (("unet", fresh.unet), ("vae", fresh.vae), ("text_encoder", fresh.text_encoder)):
         for key, value in part.state_dict().items():
             assert torch.equal(getattr(module, name).state_dict()[key], value), f"{name}.{key} changed"
-    changed = [k for k, v in fresh_controlnet.state_dict().items() if not torch.equal(module.controlnet.state_dict()[k], v)]
+    changed = [
+        k for k, v in fresh_controlnet.state_dict().items() if not torch.equal(module.controlnet.state_dict()[k], v)
+    ]
     assert any(k.startswith("controlnet_down_blocks") for k in changed)
     assert any(k.startswith("down_blocks") for k in changed)
 
@@ -110,7 +138,9 @@ def test_optimizer_holds_exactly_the_trainable_parameters(sd_locked):
         assert list(groups) == ["controlnet"] and not decoder & in_optimizer
     else:
         assert decoder <= in_optimizer and groups["unet_decoder"]["initial_lr"] == 3e-6
-        assert {id(p) for p in groups["unet_decoder"]["params"]} == decoder | {id(p) for p in module.unet.conv_norm_out.parameters()}
+        assert {id(p) for p in groups["unet_decoder"]["params"]} == decoder | {
+            id(p) for p in module.unet.conv_norm_out.parameters()
+        }
 
 
 def test_unlocked_decoder_trains_and_is_exported(train_cfg):
@@ -153,10 +183,22 @@ def test_export_from_checkpoint_matches_training(train_cfg):
 def test_killed_run_resumes_from_newest_complete_checkpoint(train_cfg):
     cfg = train_cfg()
     run = Path(cfg.run_dir)
-    args = [sys.executable, "-m", "nemo_controlnet.cli.train", f"run_dir={run}",
-            f"data.shards={cfg.data.shards}", "data.synthetic=null", "data.num_workers=0", "data.batch_size=2",
-            "trainer.max_steps=100000", "checkpoint.every_n_steps=3", "checkpoint.keep_last=0",
-            "validation.num_samples=0", "logger=none", "trainer.enable_progress_bar=false"]
+    args = [
+        sys.executable,
+        "-m",
+        "nemo_controlnet.cli.train",
+        f"run_dir={run}",
+        f"data.shards={cfg.data.shards}",
+        "data.synthetic=null",
+        "data.num_workers=0",
+        "data.batch_size=2",
+        "trainer.max_steps=100000",
+        "checkpoint.every_n_steps=3",
+        "checkpoint.keep_last=0",
+        "validation.num_samples=0",
+        "logger=none",
+        "trainer.enable_progress_bar=false",
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
@@ -174,9 +216,16 @@ def test_killed_run_resumes_from_newest_complete_checkpoint(train_cfg):
     (ckpts / ".step=9999998.ckpt.tmp-123").write_bytes(newest.read_bytes()[:1000])
     (ckpts / "step=9999999.ckpt").write_bytes(newest.read_bytes()[:5000])
     assert latest_checkpoint(ckpts) == newest
-    trainer, _ = train(train_cfg(f"trainer.max_steps={newest_step + 1}", "validation.num_samples=0",
-                                 "checkpoint.every_n_steps=3", "checkpoint.keep_last=0"))
+    trainer, _ = train(
+        train_cfg(
+            f"trainer.max_steps={newest_step + 1}",
+            "validation.num_samples=0",
+            "checkpoint.every_n_steps=3",
+            "checkpoint.keep_last=0",
+        )
+    )
     assert trainer.global_step == newest_step + 1
+    assert list_checkpoints(ckpts)[-2][0] == newest_step + 1  # the final step is checkpointed too
 
 
 def test_hint_in_training_batch_equals_pipeline_input(shapes_dir):
@@ -185,8 +234,9 @@ def test_hint_in_training_batch_equals_pipeline_input(shapes_dir):
     prompts, hints = validation_samples(cfg.validation, cfg.data, 3)  # the loader's decode path
     stack = build_stack(cfg.model)
     controlnet = instantiate(cfg.model.control_stage_config, unet=stack.unet, hint_channels=3)
-    pipe = controlnet_pipeline(stack.unet, controlnet, stack.vae, stack.text_encoder, stack.tokenizer,
-                               stack.noise_scheduler.config)
+    pipe = controlnet_pipeline(
+        stack.unet, controlnet, stack.vae, stack.text_encoder, stack.tokenizer, stack.noise_scheduler.config
+    )
     as_pil = [Image.fromarray((h * 255).round().byte().permute(1, 2, 0).numpy()) for h in hints]
     from_pil = pipe.prepare_image(as_pil, 64, 64, 2, 1, torch.device("cpu"), torch.float32)
     from_tensor = pipe.prepare_image(hints, 64, 64, 2, 1, torch.device("cpu"), torch.float32)
@@ -196,8 +246,15 @@ def test_hint_in_training_batch_equals_pipeline_input(shapes_dir):
 
 
 def test_command_line_overrides_reach_the_model():
-    cfg = compose_train(["model.hint_channels=1", "model.only_mid_control=true", "model.unet_config.layers_per_block=2",
-                         "model.control_scale=0.5", "model.proportion_empty_prompts=0.0"])
+    cfg = compose_train(
+        [
+            "model.hint_channels=1",
+            "model.only_mid_control=true",
+            "model.unet_config.layers_per_block=2",
+            "model.control_scale=0.5",
+            "model.proportion_empty_prompts=0.0",
+        ]
+    )
     module = ControlNetModule(cfg.model, cfg.optim)
     assert module.controlnet.config.conditioning_channels == 1
     assert module.unet.config.layers_per_block == 2 and module.controlnet.config.layers_per_block == 2
@@ -247,7 +304,9 @@ def test_v_prediction_loss_uses_the_velocity_target():
         t = torch.randint(0, 1000, (2,))
         noisy = module.noise_scheduler.add_noise(latents, noise, t)
         down, mid = module.controlnet(noisy, t, ehs, controlnet_cond=batch["hint"], return_dict=False)
-        pred = module.unet(noisy, t, ehs, down_block_additional_residuals=down, mid_block_additional_residual=mid).sample
+        pred = module.unet(
+            noisy, t, ehs, down_block_additional_residuals=down, mid_block_additional_residual=mid
+        ).sample
     v = module.noise_scheduler.get_velocity(latents, noise, t)
     assert torch.allclose(loss, torch.nn.functional.mse_loss(pred, v), atol=1e-6)
     assert not torch.allclose(loss, torch.nn.functional.mse_loss(pred, noise), atol=1e-4)

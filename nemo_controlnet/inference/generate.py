@@ -31,7 +31,9 @@ def resolve_controlnet(path: str | Path) -> tuple[Path, Path | None]:
     if (path / "config.json").is_file():
         unet = path.parent / "unet"
         return path, unet if (path.parent / "controlnet" == path and (unet / "config.json").is_file()) else None
-    raise FileNotFoundError(f"controlnet={path}: neither a run_dir with controlnet/ nor a diffusers ControlNet directory")
+    raise FileNotFoundError(
+        f"controlnet={path}: neither a run_dir with controlnet/ nor a diffusers ControlNet directory"
+    )
 
 
 def load_hints(cfg: DictConfig, resolution: int, channels: int) -> torch.Tensor:
@@ -73,13 +75,21 @@ def generate(cfg: DictConfig) -> list[Path]:
     controlnet_dir, unet_dir = resolve_controlnet(cfg.controlnet)
     meta = read_metadata(controlnet_dir)
     model_cfg = OmegaConf.create(meta["base_model"]) if "base_model" in meta else cfg.model
-    log.info("base model: %s (%s)", model_cfg.get("name", "?"), "recorded with the ControlNet" if meta else "from config")
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    log.info(
+        "base model: %s (%s)", model_cfg.get("name", "?"), "recorded with the ControlNet" if meta else "from config"
+    )
+    device = torch.device(
+        "cuda"
+        if cfg.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if cfg.device == "auto" else cfg.device)
+    )
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     stack = build_stack(model_cfg)
-    if meta.get("base_fingerprint") and fingerprint(stack.unet, stack.vae, stack.text_encoder) != meta["base_fingerprint"]:
+    if (
+        meta.get("base_fingerprint")
+        and fingerprint(stack.unet, stack.vae, stack.text_encoder) != meta["base_fingerprint"]
+    ):
         raise RuntimeError(
             f"the base model built here differs from the one {controlnet_dir} was trained over "
             f"(fingerprint {meta['base_fingerprint']}); point model= at that base"
@@ -96,17 +106,25 @@ def generate(cfg: DictConfig) -> list[Path]:
     resolution = int(cfg.resolution or meta.get("resolution") or 512)
     hints = load_hints(cfg, resolution, hint_channels)
     prompts = broadcast_prompts(cfg.prompts, len(hints))
-    pipe = controlnet_pipeline(unet, controlnet, stack.vae, stack.text_encoder, stack.tokenizer,
-                               stack.noise_scheduler.config, cfg.sampler)
+    pipe = controlnet_pipeline(
+        unet, controlnet, stack.vae, stack.text_encoder, stack.tokenizer, stack.noise_scheduler.config, cfg.sampler
+    )
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written, rows = [], []
     bs = int(cfg.batch_size)
     for start in tqdm(range(0, len(hints), bs), desc="generate", unit="batch"):
-        images = sample(pipe, prompts[start:start + bs], hints[start:start + bs],
-                        num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
-                        control_scale=cfg.control_scale, seed=int(cfg.seed) + start, dtype=dtype,
-                        negative_prompt=cfg.negative_prompt)
+        images = sample(
+            pipe,
+            prompts[start : start + bs],
+            hints[start : start + bs],
+            num_inference_steps=cfg.num_inference_steps,
+            guidance_scale=cfg.guidance_scale,
+            control_scale=cfg.control_scale,
+            seed=int(cfg.seed) + start,
+            dtype=dtype,
+            negative_prompt=cfg.negative_prompt,
+        )
         for i, image in enumerate(images):
             path = out_dir / f"{start + i:05d}.png"
             with atomic_path(path) as tmp:

@@ -50,9 +50,7 @@ def sample(
     device = pipe.unet.device
     height, width = hints.shape[-2:]
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    autocast = (
-        torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    )
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     with autocast:
         out = pipe(
             prompt=list(prompts),

@@ -76,8 +76,17 @@ class ValidationImages(_EveryNOptimizerSteps):
     afterwards, and writes ``samples/step_NNNNNNN.png`` with one row per sample: hint | image.
     """
 
-    def __init__(self, out_dir: str | Path, prompts: list[str], hints: torch.Tensor, every_n_steps: int,
-                 num_inference_steps: int = 20, guidance_scale: float = 7.5, seed: int = 0, sampler: str = "unipc"):
+    def __init__(
+        self,
+        out_dir: str | Path,
+        prompts: list[str],
+        hints: torch.Tensor,
+        every_n_steps: int,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 7.5,
+        seed: int = 0,
+        sampler: str = "unipc",
+    ):
         super().__init__(every_n_steps)
         self.out_dir = Path(out_dir)
         self.prompts, self.hints = list(prompts), hints
@@ -98,17 +107,27 @@ class ValidationImages(_EveryNOptimizerSteps):
         try:
             with torch.random.fork_rng(devices=devices):
                 pipe = controlnet_pipeline(
-                    pl_module.unet, pl_module.controlnet, pl_module.vae, pl_module.text_encoder,
-                    pl_module.tokenizer, pl_module.noise_scheduler.config, self.sampler,
+                    pl_module.unet,
+                    pl_module.controlnet,
+                    pl_module.vae,
+                    pl_module.text_encoder,
+                    pl_module.tokenizer,
+                    pl_module.noise_scheduler.config,
+                    self.sampler,
                 )
                 images = sample(
-                    pipe, self.prompts, self.hints, num_inference_steps=self.num_inference_steps,
-                    guidance_scale=self.guidance_scale, control_scale=pl_module.control_scale,
-                    seed=self.seed, dtype=pl_module.locked_dtype,
+                    pipe,
+                    self.prompts,
+                    self.hints,
+                    num_inference_steps=self.num_inference_steps,
+                    guidance_scale=self.guidance_scale,
+                    control_scale=pl_module.control_scale,
+                    seed=self.seed,
+                    dtype=pl_module.locked_dtype,
                 )
         finally:
             pl_module.train(was_training)
-        picture = grid([[hint_to_uint8(h), img] for h, img in zip(self.hints, images)])
+        picture = grid([[hint_to_uint8(h), img] for h, img in zip(self.hints, images, strict=True)])
         path = self.out_dir / f"step_{step:07d}.png"
         with atomic_path(path) as tmp:
             Image.fromarray(picture).save(tmp, format="PNG")

@@ -50,7 +50,7 @@ def list_checkpoints(directory: str | Path) -> list[tuple[int, Path]]:
 
 def latest_checkpoint(directory: str | Path) -> Path | None:
     """The newest checkpoint that opens as a complete torch archive."""
-    for step, path in reversed(list_checkpoints(directory)):
+    for _, path in reversed(list_checkpoints(directory)):
         try:
             # mmap reads the archive's index without loading tensors: a truncated file fails here.
             torch.load(path, map_location="cpu", weights_only=True, mmap=True)

@@ -46,7 +46,9 @@ class ControlNetModule(L.LightningModule):
             for module in unet_decoder_modules(self.unet):
                 module.requires_grad_(True).to(torch.float32).train()
         log.info(
-            "locked parts in %s; trainable: controlnet%s", self.locked_dtype, "" if self.sd_locked else " + unet decoder"
+            "locked parts in %s; trainable: controlnet%s",
+            self.locked_dtype,
+            "" if self.sd_locked else " + unet decoder",
         )
         # Checkpoints hold only the trainable weights; the locked ones come from the config.
         self.strict_loading = False
@@ -84,7 +86,7 @@ class ControlNetModule(L.LightningModule):
         if self.proportion_empty_prompts <= 0:
             return list(captions)
         drop = torch.rand(len(captions)) < self.proportion_empty_prompts
-        return ["" if d else c for c, d in zip(captions, drop.tolist())]
+        return ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
 
     def diffusion_loss(self, batch: dict, drop_captions: bool = True) -> torch.Tensor:
         """The loss of diffusers' ControlNet example: noise, uniform timesteps, MSE on the target."""
@@ -119,7 +121,9 @@ class ControlNetModule(L.LightningModule):
     # -- optimizer -------------------------------------------------------------------------
     def configure_optimizers(self):
         o = self.optim_cfg
-        groups = [{"params": [p for p in self.controlnet.parameters() if p.requires_grad], "lr": o.lr, "name": "controlnet"}]
+        groups = [
+            {"params": [p for p in self.controlnet.parameters() if p.requires_grad], "lr": o.lr, "name": "controlnet"}
+        ]
         if not self.sd_locked:
             groups.append({"params": self.unet_decoder_parameters(), "lr": o.unet_lr, "name": "unet_decoder"})
         fused = bool(o.fused) and self.device.type == "cuda"
@@ -127,7 +131,8 @@ class ControlNetModule(L.LightningModule):
             groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, fused=fused or None
         )
         log.info(
-            "AdamW%s: %s", " (fused)" if fused else "",
+            "AdamW%s: %s",
+            " (fused)" if fused else "",
             ", ".join(f"{g['name']} {sum(p.numel() for p in g['params']) / 1e6:.2f}M lr={g['lr']}" for g in groups),
         )
         scheduler = get_scheduler(
@@ -143,6 +148,10 @@ class ControlNetModule(L.LightningModule):
             "base_fingerprint": self.base_fingerprint,
             "sd_locked": self.sd_locked,
             "data_position": list(self.data_position),
+            # Noise, timesteps and caption dropout continue where they were instead of replaying
+            # the draws of step 0 (this rank's generator; ranks are seeded alike).
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -159,3 +168,7 @@ class ControlNetModule(L.LightningModule):
                 f"(was it written with another sd_locked? it says sd_locked={meta.get('sd_locked')})"
             )
         self.data_position = tuple(meta.get("data_position", (0, -1)))
+        if meta.get("torch_rng") is not None:
+            torch.set_rng_state(meta["torch_rng"])
+        if meta.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(meta["cuda_rng"], self.device)

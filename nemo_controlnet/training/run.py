@@ -102,7 +102,9 @@ def train(cfg: DictConfig) -> tuple[L.Trainer, ControlNetModule]:
     ckpt_path = None
     if cfg.resume:
         ckpt_path = latest_checkpoint(ckpt_dir)
-        log.info("resuming from %s", ckpt_path) if ckpt_path else log.info("no checkpoint in %s: starting fresh", ckpt_dir)
+        log.info("resuming from %s", ckpt_path) if ckpt_path else log.info(
+            "no checkpoint in %s: starting fresh", ckpt_dir
+        )
     else:
         _set_aside_old_checkpoints(ckpt_dir)
     _write_run_config(cfg, run_dir)
@@ -116,9 +118,16 @@ def train(cfg: DictConfig) -> tuple[L.Trainer, ControlNetModule]:
     logger = _logger(cfg, run_dir)
     callbacks = [
         StepCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last),
-        ValidationImages(run_dir / "samples", prompts, hints, cfg.validation.every_n_steps,
-                         cfg.validation.num_inference_steps, cfg.validation.guidance_scale,
-                         cfg.validation.seed, cfg.validation.sampler),
+        ValidationImages(
+            run_dir / "samples",
+            prompts,
+            hints,
+            cfg.validation.every_n_steps,
+            cfg.validation.num_inference_steps,
+            cfg.validation.guidance_scale,
+            cfg.validation.seed,
+            cfg.validation.sampler,
+        ),
     ]
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
@@ -134,7 +143,10 @@ def train(cfg: DictConfig) -> tuple[L.Trainer, ControlNetModule]:
     effective = int(cfg.data.batch_size) * trainer.world_size * int(cfg.trainer.get("accumulate_grad_batches", 1))
     log.info(
         "effective batch %d = %d per device x %d device(s) x %d accumulation; max_steps %d",
-        effective, cfg.data.batch_size, trainer.world_size, cfg.trainer.get("accumulate_grad_batches", 1),
+        effective,
+        cfg.data.batch_size,
+        trainer.world_size,
+        cfg.trainer.get("accumulate_grad_batches", 1),
         cfg.trainer.max_steps,
     )
     with warnings.catch_warnings():
