@@ -86,7 +86,6 @@ def validate_train_config(cfg: DictConfig) -> None:
     c.check("resume", lambda v: isinstance(v, bool), "true or false")
     c.check("seed", _is_int, "an integer")
     check_model(c)
-    c.check("model.control_key", lambda v: v == "hint", "'hint' (the loader's hint key in the batch)")
     c.check(
         "data.shards", lambda v: isinstance(v, str) or OmegaConf.is_list(v), "a path, brace pattern, directory or list"
     )

@@ -110,6 +110,30 @@ def test_locked_weights_unchanged_controlnet_changed(train_cfg):
     assert any(k.startswith("down_blocks") for k in changed)
 
 
+def test_checkpoints_wait_for_the_end_of_gradient_accumulation(train_cfg):
+    cfg = train_cfg(
+        "trainer.accumulate_grad_batches=2",
+        "trainer.max_steps=2",
+        "checkpoint.every_n_steps=1",
+        "checkpoint.keep_last=0",
+        "validation.num_samples=0",
+        "model.control_key=control",
+    )
+    _, module = train(cfg)
+    ckpts = list_checkpoints(Path(cfg.run_dir) / "checkpoints")
+    assert [s for s, _ in ckpts] == [1, 2]
+    positions = [torch.load(p, weights_only=True)["nemo_controlnet"]["data_position"] for _, p in ckpts]
+    assert positions == [[0, 1], [0, 3]]  # two micro-batches per step, saved after the second
+
+
+def test_bf16_mixed_runs_locked_parts_in_bf16(train_cfg):
+    cfg = train_cfg("trainer.precision=bf16-mixed", "trainer.max_steps=2", "validation.num_samples=1")
+    _, module = train(cfg)
+    assert {p.dtype for m in (module.unet, module.vae, module.text_encoder) for p in m.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in module.controlnet.parameters()} == {torch.float32}  # master weights
+    assert (Path(cfg.run_dir) / "samples" / "step_0000002.png").is_file()
+
+
 def test_checkpoint_holds_only_trainable_weights(train_cfg):
     cfg = train_cfg("trainer.max_steps=2", "validation.num_samples=0")
     train(cfg)

@@ -18,16 +18,22 @@ from nemo_controlnet.data.webdataset import EpochStream, SampleDecoder, epoch_pi
 log = logging.getLogger(__name__)
 
 
-def make_decoder(data_cfg: DictConfig, hint_channels: int) -> SampleDecoder:
-    return SampleDecoder(int(data_cfg.resolution), data_cfg.image_key, data_cfg.hint_key, data_cfg.caption_key,
-                         hint_channels)
+def make_decoder(data_cfg: DictConfig, hint_channels: int, control_key: str = "hint") -> SampleDecoder:
+    return SampleDecoder(
+        int(data_cfg.resolution),
+        data_cfg.image_key,
+        data_cfg.hint_key,
+        data_cfg.caption_key,
+        hint_channels,
+        control_key,
+    )
 
 
 class ShardDataModule(L.LightningDataModule):
-    def __init__(self, data_cfg: DictConfig, hint_channels: int, seed: int):
+    def __init__(self, data_cfg: DictConfig, hint_channels: int, seed: int, control_key: str = "hint"):
         super().__init__()
         self.cfg = data_cfg
-        self.decoder = make_decoder(data_cfg, hint_channels)
+        self.decoder = make_decoder(data_cfg, hint_channels, control_key)
         self.seed = seed
         self.resume_position: tuple[int, int] = (0, -1)
         self.urls: list[str] = []
@@ -42,18 +48,35 @@ class ShardDataModule(L.LightningDataModule):
                 f"data.shards: {len(self.urls)} shard(s) for {world} rank(s) x {self.cfg.num_workers} worker(s); "
                 f"need at least {readers} (write smaller shards or lower data.num_workers)"
             )
-        log.info("training data: %d shard(s), first %s, batch %d, %d worker(s)",
-                 len(self.urls), self.urls[0], self.cfg.batch_size, self.cfg.num_workers)
+        log.info(
+            "training data: %d shard(s), first %s, batch %d, %d worker(s)",
+            len(self.urls),
+            self.urls[0],
+            self.cfg.batch_size,
+            self.cfg.num_workers,
+        )
 
     def _epoch_loader(self, epoch: int) -> DataLoader:
-        pipeline = epoch_pipeline(self.urls, self.decoder, int(self.cfg.batch_size), epoch, seed=self.seed,
-                                  shuffle_buffer=int(self.cfg.shuffle_buffer))
+        pipeline = epoch_pipeline(
+            self.urls,
+            self.decoder,
+            int(self.cfg.batch_size),
+            epoch,
+            seed=self.seed,
+            shuffle_buffer=int(self.cfg.shuffle_buffer),
+        )
         workers = int(self.cfg.num_workers)
         # Its own generator: creating an iterator must not draw from the global RNG, which the
         # training step's noise comes from (and which a resumed run restores).
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return DataLoader(pipeline, batch_size=None, num_workers=workers, generator=generator,
-                          pin_memory=torch.cuda.is_available(), prefetch_factor=2 if workers else None)
+        return DataLoader(
+            pipeline,
+            batch_size=None,
+            num_workers=workers,
+            generator=generator,
+            pin_memory=torch.cuda.is_available(),
+            prefetch_factor=2 if workers else None,
+        )
 
     def train_dataloader(self) -> EpochStream:
         return EpochStream(self._epoch_loader, start=self.resume_position)
@@ -84,6 +107,8 @@ def validation_samples(val_cfg: DictConfig, data_cfg: DictConfig, hint_channels:
     if not val_cfg.get("shards") or int(val_cfg.num_samples) <= 0:
         return [], torch.empty(0)
     decoder = make_decoder(data_cfg, hint_channels)
-    source = wds.DataPipeline(wds.SimpleShardList(expand_shards(val_cfg.shards)), wds.tarfile_to_samples(), wds.map(decoder))
+    source = wds.DataPipeline(
+        wds.SimpleShardList(expand_shards(val_cfg.shards)), wds.tarfile_to_samples(), wds.map(decoder)
+    )
     samples = [s for _, s in zip(range(int(val_cfg.num_samples)), source)]
     return [s["caption"] for s in samples], torch.stack([s["hint"] for s in samples])

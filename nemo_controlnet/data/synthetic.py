@@ -110,8 +110,15 @@ def write_shapes_dataset(
     directory without one is an unfinished write that the next call redoes.
     """
     out = Path(out_dir)
-    params = {"num_samples": num_samples, "shard_size": shard_size, "resolution": resolution,
-              "seed": seed, "jpeg_quality": jpeg_quality, "prefix": prefix, "generator": "shapes-v1"}
+    params = {
+        "num_samples": num_samples,
+        "shard_size": shard_size,
+        "resolution": resolution,
+        "seed": seed,
+        "jpeg_quality": jpeg_quality,
+        "prefix": prefix,
+        "generator": "shapes-v1",
+    }
     manifest_path = out / MANIFEST
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())

@@ -64,16 +64,27 @@ def log_and_skip(exn: Exception) -> bool:
 class SampleDecoder:
     """Raw tar members -> tensors. A picklable object, so DataLoader workers can run it."""
 
-    def __init__(self, resolution: int, image_key: str, hint_key: str, caption_key: str, hint_channels: int):
+    def __init__(
+        self,
+        resolution: int,
+        image_key: str,
+        hint_key: str,
+        caption_key: str,
+        hint_channels: int,
+        control_key: str = "hint",
+    ):
         self.resolution = resolution
         self.image_key, self.hint_key, self.caption_key = image_key, hint_key, caption_key
         self.hint_channels = hint_channels
+        self.control_key = control_key  # the hint's name in the batch (model.control_key)
 
     def __call__(self, sample: dict) -> dict:
         where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
         for key in (self.image_key, self.hint_key):
             if key not in sample:
-                raise KeyError(f"{where}: no '{key}' member (has {sorted(k for k in sample if not k.startswith('__'))})")
+                raise KeyError(
+                    f"{where}: no '{key}' member (has {sorted(k for k in sample if not k.startswith('__'))})"
+                )
         try:
             image = Image.open(io.BytesIO(sample[self.image_key])).convert("RGB")
             hint = Image.open(io.BytesIO(sample[self.hint_key]))
@@ -83,18 +94,17 @@ class SampleDecoder:
             raise ValueError(f"{where}: {e}") from e
         return {
             "image": image_to_tensor(image),
-            "hint": hint_to_tensor(hint, self.hint_channels),
+            self.control_key: hint_to_tensor(hint, self.hint_channels),
             "caption": caption,
             "key": sample["__key__"],
         }
 
 
 def collate(samples: list[dict]) -> dict:
+    """Tensors stacked, everything else (captions, keys) as lists."""
     return {
-        "image": torch.stack([s["image"] for s in samples]),
-        "hint": torch.stack([s["hint"] for s in samples]),
-        "caption": [s["caption"] for s in samples],
-        "key": [s["key"] for s in samples],
+        key: torch.stack([s[key] for s in samples]) if torch.is_tensor(value) else [s[key] for s in samples]
+        for key, value in samples[0].items()
     }
 
 
@@ -122,11 +132,18 @@ def epoch_pipeline(
     order = list(urls)
     if shuffle_buffer > 0:
         random.Random(f"{seed}-{epoch}").shuffle(order)  # the same order on every rank, before splitting
-    stages = [wds.SimpleShardList(order), wds.split_by_node, wds.split_by_worker,
-              wds.tarfile_to_samples(handler=log_and_skip)]
+    stages = [
+        wds.SimpleShardList(order),
+        wds.split_by_node,
+        wds.split_by_worker,
+        wds.tarfile_to_samples(handler=log_and_skip),
+    ]
     if shuffle_buffer > 0:
         stages.append(_WorkerShuffle(shuffle_buffer, seed, epoch))
-    stages += [wds.map(decoder, handler=log_and_skip), wds.batched(batch_size, collation_fn=collate, partial=not drop_last)]
+    stages += [
+        wds.map(decoder, handler=log_and_skip),
+        wds.batched(batch_size, collation_fn=collate, partial=not drop_last),
+    ]
     return wds.DataPipeline(*stages)
 
 
@@ -155,6 +172,8 @@ class EpochStream:
                 batch["data_position"] = (epoch, index)
                 yield batch
             if count == 0:
-                raise RuntimeError(f"epoch {epoch} produced no batch: too few samples for the batch size, or every sample was bad")
+                raise RuntimeError(
+                    f"epoch {epoch} produced no batch: too few samples for the batch size, or every sample was bad"
+                )
             log.info("data epoch %d done: %d batches", epoch, count)
             epoch, last = epoch + 1, -1

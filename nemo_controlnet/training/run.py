@@ -112,7 +112,7 @@ def train(cfg: DictConfig) -> tuple[L.Trainer, ControlNetModule]:
     L.seed_everything(cfg.seed, workers=True)
     module = ControlNetModule(cfg.model, cfg.optim, cfg.trainer.precision)
     check_resolution(module, int(cfg.data.resolution))
-    datamodule = ShardDataModule(cfg.data, int(cfg.model.hint_channels), int(cfg.seed))
+    datamodule = ShardDataModule(cfg.data, int(cfg.model.hint_channels), int(cfg.seed), cfg.model.control_key)
     prompts, hints = validation_samples(cfg.validation, cfg.data, int(cfg.model.hint_channels))
 
     logger = _logger(cfg, run_dir)
