@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
@@ -78,6 +79,30 @@ def check_model(c: _Checker, prefix: str = "model") -> None:
         f"one of {sorted(PREDICTION_TYPES)}",
         required=False,
     )
+
+
+def check_local_weights(c: _Checker, prefix: str = "model") -> None:
+    """Every ``from_pretrained`` source is a local directory that exists (hubs are never asked)."""
+    model = OmegaConf.select(c.cfg, prefix)
+    for node in MODEL_NODES:
+        source = OmegaConf.select(model, f"{node}.pretrained_model_name_or_path", default=None)
+        if source is not None:
+            where = Path(source) / (OmegaConf.select(model, f"{node}.subfolder", default=None) or "")
+            if not where.is_dir():
+                c.errors.append(f"{prefix}.{node}.pretrained_model_name_or_path={source!r}: no directory {where}")
+    pretrained = OmegaConf.select(model, "control_stage_config.pretrained", default=None)
+    if pretrained and not (Path(pretrained) / "config.json").is_file():
+        c.errors.append(
+            f"{prefix}.control_stage_config.pretrained={pretrained!r}: no diffusers ControlNet (config.json) there"
+        )
+
+
+def validate_model_config(cfg: DictConfig, prefix: str = "model") -> None:
+    c = _Checker(cfg)
+    check_model(c, prefix)
+    if not c.errors:
+        check_local_weights(c, prefix)
+    c.raise_if_any("model")
 
 
 def validate_train_config(cfg: DictConfig) -> None:

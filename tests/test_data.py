@@ -192,3 +192,34 @@ def test_render_is_pure():
     params = circle_params(0, 1, 64)
     a, b = render(params), render(params)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
+
+
+def test_an_epoch_without_a_full_batch_fails_instead_of_spinning(shapes_dir):
+    urls = expand_shards(shapes_dir / "val")  # 4 samples
+
+    def make(epoch):
+        return epoch_pipeline(urls, DECODER, batch_size=8, epoch=epoch)
+
+    with pytest.raises(RuntimeError, match="produced no batch"):
+        next(iter(EpochStream(make)))
+
+
+def test_too_few_shards_for_ranks_and_workers_is_an_error(shapes_dir):
+    from omegaconf import OmegaConf
+
+    from nemo_controlnet.data.datamodule import ShardDataModule
+
+    cfg = OmegaConf.create(
+        {
+            "shards": str(shapes_dir / "train"),
+            "num_workers": 8,
+            "resolution": 64,
+            "batch_size": 4,
+            "shuffle_buffer": 0,
+            "image_key": "jpg",
+            "hint_key": "png",
+            "caption_key": "txt",
+        }
+    )
+    with pytest.raises(ValueError, match=r"4 shard\(s\) for 1 rank\(s\) x 8 worker\(s\); need at least 8"):
+        ShardDataModule(cfg, hint_channels=3, seed=0).setup("fit")

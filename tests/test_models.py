@@ -5,6 +5,8 @@ import torch
 from diffusers import ControlNetModel
 from hydra.utils import instantiate
 
+from nemo_controlnet.config import ConfigError
+
 from nemo_controlnet.models.controlnet import build_controlnet, controlled_unet_forward, set_only_mid_control
 from nemo_controlnet.models.stack import build_stack, byte_level_clip_tokenizer, fingerprint
 from tests.conftest import compose_train
@@ -150,3 +152,24 @@ def test_byte_level_tokenizer_round_trips_and_fits_the_text_encoder(parts):
     decoded = tok.decode(ids[0], skip_special_tokens=True)
     # Every byte survives (non-ASCII included); CLIP lowercases and spaces out punctuation.
     assert decoded.replace(" ", "") == "redcircle,withcafébackground!"
+
+
+def test_local_diffusers_directory_loads_the_same_base(tmp_path):
+    """model=local_diffusers builds every part with from_pretrained from a local directory, offline."""
+    tiny = build_stack(compose_train().model)
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "noise_scheduler"):
+        folder = {"noise_scheduler": "scheduler"}.get(name, name)
+        getattr(tiny, name).save_pretrained(tmp_path / "sd" / folder)
+    cfg = compose_train(["model=local_diffusers", f"model.path={tmp_path / 'sd'}"])
+    assert cfg.model.unet_config.local_files_only is True
+    loaded = build_stack(cfg.model)
+    assert fingerprint(loaded.unet, loaded.vae, loaded.text_encoder) == fingerprint(
+        tiny.unet, tiny.vae, tiny.text_encoder
+    )
+    text = ["green circle with gray background"]
+    assert loaded.tokenizer(text).input_ids == tiny.tokenizer(text).input_ids
+    assert loaded.noise_scheduler.config.prediction_type == "epsilon"
+    with pytest.raises(
+        ConfigError, match=r"model.unet_config.pretrained_model_name_or_path=.*no directory .*missing/unet"
+    ):
+        build_stack(compose_train(["model=local_diffusers", f"model.path={tmp_path / 'missing'}"]).model)

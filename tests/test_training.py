@@ -195,6 +195,20 @@ def test_resume_over_another_base_is_refused(train_cfg):
         train(train_cfg("trainer.max_steps=4", "validation.num_samples=0", "model.seed=1"))
 
 
+def test_generation_over_another_base_is_refused(train_cfg, tmp_path):
+    import json
+
+    cfg = train_cfg("trainer.max_steps=1", "validation.num_samples=0")
+    train(cfg)
+    meta_path = Path(cfg.run_dir) / "controlnet" / "nemo_controlnet.json"
+    meta = json.loads(meta_path.read_text())
+    meta["base_model"]["seed"] = 5  # as if the recorded base were another one
+    meta_path.write_text(json.dumps(meta))
+    gen = OmegaConf.create({"controlnet": cfg.run_dir, "device": "cpu", "out_dir": str(tmp_path / "g")})
+    with pytest.raises(RuntimeError, match="differs from the one .* was trained over"):
+        generate(gen)
+
+
 def test_export_from_checkpoint_matches_training(train_cfg):
     cfg = train_cfg("trainer.max_steps=2", "validation.num_samples=0", "export.enabled=false")
     _, module = train(cfg)

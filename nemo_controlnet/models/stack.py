@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from transformers import CLIPTokenizer
+
+from nemo_controlnet.config import validate_model_config
 from tokenizers.pre_tokenizers import ByteLevel
 
 log = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ def _instantiate_seeded(node: DictConfig, seed: int, name: str):
 
 
 def build_stack(model_cfg: DictConfig) -> LockedStack:
+    validate_model_config(OmegaConf.create({"model": model_cfg}))
     seed = int(model_cfg.seed)
     cond = model_cfg.cond_stage_config
     noise_scheduler = instantiate(model_cfg.scheduler_config)
