@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import ControlNetModel
+from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from PIL import Image
@@ -204,9 +205,18 @@ def test_generation_over_another_base_is_refused(train_cfg, tmp_path):
     meta = json.loads(meta_path.read_text())
     meta["base_model"]["seed"] = 5  # as if the recorded base were another one
     meta_path.write_text(json.dumps(meta))
-    gen = OmegaConf.create({"controlnet": cfg.run_dir, "device": "cpu", "out_dir": str(tmp_path / "g")})
+    with initialize_config_module(config_module="nemo_controlnet.conf", version_base="1.3"):
+        gen = compose(
+            config_name="generate",
+            overrides=[f"controlnet={cfg.run_dir}", "device=cpu", f"out_dir={tmp_path / 'g'}", "num_inference_steps=2"],
+        )
+    OmegaConf.set_struct(gen, False)
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "h.png")
+    gen.hints = [str(tmp_path / "h.png")]
     with pytest.raises(RuntimeError, match="differs from the one .* was trained over"):
         generate(gen)
+    gen.use_recorded_base = False  # the right base, given by config (model: tiny): generation goes ahead
+    assert [p.name for p in generate(gen)] == ["00000.png"]
 
 
 def test_export_from_checkpoint_matches_training(train_cfg):

@@ -74,25 +74,21 @@ def broadcast_prompts(prompts: list[str], n: int) -> list[str]:
 def generate(cfg: DictConfig) -> list[Path]:
     controlnet_dir, unet_dir = resolve_controlnet(cfg.controlnet)
     meta = read_metadata(controlnet_dir)
-    model_cfg = OmegaConf.create(meta["base_model"]) if "base_model" in meta else cfg.model
+    recorded = cfg.get("use_recorded_base", True) and "base_model" in meta
+    model_cfg = OmegaConf.create(meta["base_model"]) if recorded else cfg.model
     log.info(
-        "base model: %s (%s)", model_cfg.get("name", "?"), "recorded with the ControlNet" if meta else "from config"
+        "base model: %s (%s)", model_cfg.get("name", "?"), "as recorded with the ControlNet" if recorded else "model="
     )
-    device = torch.device(
-        "cuda"
-        if cfg.device == "auto" and torch.cuda.is_available()
-        else ("cpu" if cfg.device == "auto" else cfg.device)
-    )
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if cfg.device == "auto" else cfg.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
     stack = build_stack(model_cfg)
-    if (
-        meta.get("base_fingerprint")
-        and fingerprint(stack.unet, stack.vae, stack.text_encoder) != meta["base_fingerprint"]
-    ):
+    expected = meta.get("base_fingerprint")
+    if expected and fingerprint(stack.unet, stack.vae, stack.text_encoder) != expected:
         raise RuntimeError(
             f"the base model built here differs from the one {controlnet_dir} was trained over "
-            f"(fingerprint {meta['base_fingerprint']}); point model= at that base"
+            f"(fingerprint {expected}); set use_recorded_base=false and point model= at that base"
         )
     unet = UNet2DConditionModel.from_pretrained(unet_dir, local_files_only=True) if unet_dir else stack.unet
     controlnet = ControlNetModel.from_pretrained(controlnet_dir, local_files_only=True)

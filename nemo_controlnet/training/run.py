@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_controlnet import __version__
@@ -98,16 +99,17 @@ def train(cfg: DictConfig) -> tuple[L.Trainer, ControlNetModule]:
     run_dir.mkdir(parents=True, exist_ok=True)
     log.info("run_dir %s (torch %s, cuda %s)", run_dir.resolve(), torch.__version__, torch.cuda.is_available())
 
+    # Safe on every rank at once: shards are deterministic and each is renamed into place whole.
     ensure_synthetic_data(cfg.data)
-    ckpt_path = None
-    if cfg.resume:
-        ckpt_path = latest_checkpoint(ckpt_dir)
-        log.info("resuming from %s", ckpt_path) if ckpt_path else log.info(
-            "no checkpoint in %s: starting fresh", ckpt_dir
-        )
-    else:
-        _set_aside_old_checkpoints(ckpt_dir)
-    _write_run_config(cfg, run_dir)
+    ckpt_path = latest_checkpoint(ckpt_dir) if cfg.resume else None
+    if ckpt_path:
+        log.info("resuming from %s", ckpt_path)
+    elif cfg.resume:
+        log.info("no checkpoint in %s: starting fresh", ckpt_dir)
+    if rank_zero_only.rank == 0:  # the launcher's rank, known before the Trainer exists
+        if not cfg.resume:
+            _set_aside_old_checkpoints(ckpt_dir)
+        _write_run_config(cfg, run_dir)
 
     L.seed_everything(cfg.seed, workers=True)
     module = ControlNetModule(cfg.model, cfg.optim, cfg.trainer.precision)
