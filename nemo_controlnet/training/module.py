@@ -53,6 +53,7 @@ class ControlNetModule(L.LightningModule):
         # Checkpoints hold only the trainable weights; the locked ones come from the config.
         self.strict_loading = False
         self.data_position: tuple[int, int] = (0, -1)
+        self._first_batch_logged = False
 
     # -- parameters ------------------------------------------------------------------------
     def trainable_named_parameters(self) -> dict[str, torch.nn.Parameter]:
@@ -94,7 +95,8 @@ class ControlNetModule(L.LightningModule):
         hint = batch[self.control_key]
         captions = self.drop_captions(batch["caption"]) if drop_captions else list(batch["caption"])
         with torch.no_grad():
-            latents = self.vae.encode(image).latent_dist.sample() * self.vae.config.scaling_factor
+            # fp32 from here: noise and target keep full precision even when the VAE runs in bf16.
+            latents = self.vae.encode(image).latent_dist.sample().float() * self.vae.config.scaling_factor
             encoder_hidden_states = self.encode_prompts(captions)
         noise = torch.randn_like(latents)
         timesteps = torch.randint(
@@ -112,7 +114,18 @@ class ControlNetModule(L.LightningModule):
             raise ValueError(f"model.prediction_type={self.prediction_type!r}: use epsilon or v_prediction")
         return F.mse_loss(pred.float(), target.float())
 
+    def on_train_start(self) -> None:
+        for name in ("controlnet", "unet", "vae", "text_encoder"):
+            p = next(getattr(self, name).parameters())
+            log.info("%s on %s in %s", name, p.device, p.dtype)
+
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        if not self._first_batch_logged:
+            self._first_batch_logged = True
+            log.info(
+                "first batch: %s",
+                ", ".join(f"{k} {tuple(v.shape)} {v.dtype} {v.device}" for k, v in batch.items() if torch.is_tensor(v)),
+            )
         loss = self.diffusion_loss(batch)
         self.data_position = tuple(batch["data_position"])
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
