@@ -111,9 +111,13 @@ def validate_train_config(cfg: DictConfig) -> None:
     c.check("resume", lambda v: isinstance(v, bool), "true or false")
     c.check("seed", _is_int, "an integer")
     check_model(c)
-    c.check(
-        "data.shards", lambda v: isinstance(v, str) or OmegaConf.is_list(v), "a path, brace pattern, directory or list"
-    )
+    sources = [k for k in ("shards", "datasets", "folder") if OmegaConf.select(cfg, f"data.{k}") is not None]
+    if len(sources) != 1:
+        c.errors.append(f"data: set exactly one of data.shards, data.datasets, data.folder (set: {sources or 'none'})")
+    c.check("data.augment.crop", lambda v: v in ("center", "random"), "center or random", required=False)
+    c.check("data.augment.hflip", lambda v: _number(v) and 0 <= v <= 1, "a probability in [0, 1]", required=False)
+    if OmegaConf.select(cfg, "data.resampled"):
+        c.check("data.samples_per_epoch", _pos_int, "a positive integer (resampled streams are endless)")
     c.check("data.resolution", lambda v: _pos_int(v) and v % 8 == 0, "a positive multiple of 8")
     c.check("data.batch_size", _pos_int, "a positive integer")
     c.check("data.num_workers", _nonneg_int, "an integer >= 0")

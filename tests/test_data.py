@@ -13,7 +13,7 @@ from PIL import Image
 
 from nemo_controlnet.data.synthetic import circle_params, render, write_shapes_dataset
 from nemo_controlnet.data.transforms import paired_resize_crop, prepare_hint
-from nemo_controlnet.data.webdataset import EpochStream, SampleDecoder, epoch_pipeline, expand_shards
+from nemo_controlnet.data.webdataset import EpochStream, SampleDecoder, batches, epoch_pipeline, expand_shards
 
 DECODER = SampleDecoder(64, "jpg", "png", "txt", hint_channels=3)
 
@@ -155,7 +155,7 @@ def test_ranks_read_disjoint_shards_covering_all(shapes_dir, monkeypatch):
     for rank in range(2):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
-        seen.append({k for b in epoch_pipeline(urls, DECODER, 4, epoch=0, seed=1) for k in b["key"]})
+        seen.append({k for b in batches(epoch_pipeline(urls, DECODER, 4, epoch=0, seed=1)) for k in b["key"]})
     assert not seen[0] & seen[1]
     assert seen[0] | seen[1] == {f"{i:08d}" for i in range(64)}
 
@@ -169,10 +169,10 @@ def test_bad_samples_are_skipped_and_logged(tmp_path, caplog):
         sink.write({"__key__": "corrupt", "jpg": good[:40], "png": hint, "txt": "c"})
         sink.write({"__key__": "ok2", "jpg": good, "png": hint, "txt": "d"})
     with caplog.at_level(logging.WARNING):
-        batches = list(epoch_pipeline([str(tmp_path / "bad.tar")], DECODER, 1, 0, shuffle_buffer=0))
-    assert [b["key"][0] for b in batches] == ["ok1", "ok2"]
+        out = list(batches(epoch_pipeline([str(tmp_path / "bad.tar")], DECODER, 1, 0, shuffle_buffer=0)))
+    assert [b["key"][0] for b in out] == ["ok1", "ok2"]
     text = caplog.text
-    assert "nohint" in text and "no 'png' member" in text and "corrupt" in text
+    assert "nohint" in text and "missing_hint" in text and "bad.tar:corrupt" in text and "corrupt_image" in text
 
 
 def test_expand_shards_forms_and_errors(shapes_dir, tmp_path):

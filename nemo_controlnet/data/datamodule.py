@@ -1,24 +1,42 @@
-"""The LightningDataModule: shards -> an endless, resumable stream of batches; validation samples."""
+"""The LightningDataModule: data config -> an endless, resumable stream of batches; validation samples."""
 
 from __future__ import annotations
 
 import logging
+from itertools import islice
 from pathlib import Path
 
 import lightning as L
 import torch
-import webdataset as wds
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 from PIL import Image
 from torch.utils.data import DataLoader
 
 from nemo_controlnet.data.transforms import prepare_hint
-from nemo_controlnet.data.webdataset import EpochStream, SampleDecoder, epoch_pipeline, expand_shards
+from nemo_controlnet.data.webdataset import (
+    EpochStream,
+    SampleDecoder,
+    SampleStream,
+    ShardSource,
+    batches,
+    expand_shards,
+)
 
 log = logging.getLogger(__name__)
 
 
-def make_decoder(data_cfg: DictConfig, hint_channels: int, control_key: str = "hint") -> SampleDecoder:
+def make_decoder(
+    data_cfg: DictConfig, hint_channels: int, control_key: str = "hint", seed: int = 0, augment: bool = True
+) -> SampleDecoder:
+    """The decoder a data config describes; ``augment=False`` for validation (center crop, no flip)."""
+    hint_cfg = data_cfg.get("hint") or {}
+    on_the_fly = bool(hint_cfg.get("on_the_fly", False))
+    folder = data_cfg.get("folder")
+    detector = instantiate(hint_cfg.detector) if (on_the_fly and hint_cfg.get("detector")) else None
+    if on_the_fly and detector is None:
+        raise ValueError("data.hint.on_the_fly=true needs data.hint.detector (e.g. the canny node)")
+    aug = data_cfg.get("augment") or {}
     return SampleDecoder(
         int(data_cfg.resolution),
         data_cfg.image_key,
@@ -26,60 +44,80 @@ def make_decoder(data_cfg: DictConfig, hint_channels: int, control_key: str = "h
         data_cfg.caption_key,
         hint_channels,
         control_key,
+        crop=aug.get("crop", "center") if augment else "center",
+        hflip=float(aug.get("hflip", 0.0)) if augment else 0.0,
+        detector=detector,
+        regenerate=on_the_fly and not folder,  # a folder prefers its precomputed hints
+        seed=seed,
     )
+
+
+def make_sources(data_cfg: DictConfig) -> list[tuple[object, float]]:
+    """(source, weight) pairs: ``data.folder``, or weighted ``data.datasets``, or ``data.shards``."""
+    if data_cfg.get("folder"):
+        from nemo_controlnet.data.folder import FolderSource
+
+        f = data_cfg.folder
+        on_the_fly = bool((data_cfg.get("hint") or {}).get("on_the_fly", False))
+        return [(FolderSource(f.root, f.get("hints_dir"), f.get("suffix", "canny"), on_the_fly), 1.0)]
+    if data_cfg.get("datasets"):
+        sources = []
+        for i, d in enumerate(data_cfg.datasets):
+            weight = float(d.get("weight", 1.0))
+            if weight <= 0:
+                raise ValueError(f"data.datasets[{i}].weight={weight}: must be > 0")
+            sources.append((ShardSource(expand_shards(d.shards)), weight))
+        return sources
+    return [(ShardSource(expand_shards(data_cfg.shards)), 1.0)]
 
 
 class ShardDataModule(L.LightningDataModule):
     def __init__(self, data_cfg: DictConfig, hint_channels: int, seed: int, control_key: str = "hint"):
         super().__init__()
         self.cfg = data_cfg
-        self.decoder = make_decoder(data_cfg, hint_channels, control_key)
+        self.decoder = make_decoder(data_cfg, hint_channels, control_key, seed)
         self.seed = seed
         self.resume_position: tuple[int, int] = (0, -1)
-        self.urls: list[str] = []
+        self.sources: list[tuple[object, float]] = []
+        self.stream: EpochStream | None = None
 
     def setup(self, stage: str) -> None:
-        self.urls = expand_shards(self.cfg.shards)
+        self.sources = make_sources(self.cfg)
         world = self.trainer.world_size if self.trainer is not None else 1
         readers = world * max(1, int(self.cfg.num_workers))
-        if len(self.urls) < readers:
-            # A rank or worker without a shard yields nothing, and DDP then waits on it forever.
-            raise ValueError(
-                f"data.shards: {len(self.urls)} shard(s) for {world} rank(s) x {self.cfg.num_workers} worker(s); "
-                f"need at least {readers} (write smaller shards or lower data.num_workers)"
-            )
-        log.info(
-            "training data: %d shard(s), first %s, batch %d, %d worker(s)",
-            len(self.urls),
-            self.urls[0],
-            self.cfg.batch_size,
-            self.cfg.num_workers,
-        )
+        for i, (source, _) in enumerate(self.sources):
+            units = len(getattr(source, "urls", getattr(source, "items", [])))
+            if not self.cfg.get("resampled") and units < readers:
+                # A rank or worker without data yields nothing, and DDP then waits on it forever.
+                kind = "shard(s)" if hasattr(source, "urls") else "image(s)"
+                raise ValueError(
+                    f"data source {i}: {units} {kind} for {world} rank(s) x {self.cfg.num_workers} worker(s); "
+                    f"need at least {readers} (write smaller shards, lower data.num_workers, or data.resampled=true)"
+                )
+        log.info("training data: %d source(s) %s, batch %d, %d worker(s), resampled=%s",
+                 len(self.sources), [repr_source(s) for s, _ in self.sources], self.cfg.batch_size,
+                 self.cfg.num_workers, bool(self.cfg.get("resampled")))  # fmt: skip
 
     def _epoch_loader(self, epoch: int) -> DataLoader:
-        pipeline = epoch_pipeline(
-            self.urls,
-            self.decoder,
-            int(self.cfg.batch_size),
-            epoch,
-            seed=self.seed,
-            shuffle_buffer=int(self.cfg.shuffle_buffer),
-        )
+        stream = SampleStream(
+            self.sources, self.decoder, int(self.cfg.batch_size), epoch, seed=self.seed,
+            shuffle_buffer=int(self.cfg.shuffle_buffer), resampled=bool(self.cfg.get("resampled")),
+            samples_per_epoch=self.cfg.get("samples_per_epoch"),
+        )  # fmt: skip
         workers = int(self.cfg.num_workers)
         # Its own generator: creating an iterator must not draw from the global RNG, which the
         # training step's noise comes from (and which a resumed run restores).
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return DataLoader(
-            pipeline,
-            batch_size=None,
-            num_workers=workers,
-            generator=generator,
-            pin_memory=torch.cuda.is_available(),
-            prefetch_factor=2 if workers else None,
-        )
+        return DataLoader(stream, batch_size=None, num_workers=workers, generator=generator,
+                          pin_memory=torch.cuda.is_available(), prefetch_factor=2 if workers else None)  # fmt: skip
 
     def train_dataloader(self) -> EpochStream:
-        return EpochStream(self._epoch_loader, start=self.resume_position)
+        self.stream = EpochStream(self._epoch_loader, start=self.resume_position)
+        return self.stream
+
+    def teardown(self, stage: str) -> None:
+        if self.stream is not None and self.stream.skipped:
+            log.warning("bad samples skipped in finished epochs: %s", dict(self.stream.skipped))
 
     # Lightning stores this in every checkpoint and hands it back on resume, before train_dataloader().
     def state_dict(self) -> dict:
@@ -91,9 +129,15 @@ class ShardDataModule(L.LightningDataModule):
         self.resume_position = tuple(state_dict.get("data_position", (0, -1)))
 
 
+def repr_source(source) -> str:
+    if hasattr(source, "urls"):
+        return f"{len(source.urls)} shards from {source.urls[0]}"
+    return f"{len(source.items)} images under {source.root}"
+
+
 def validation_samples(val_cfg: DictConfig, data_cfg: DictConfig, hint_channels: int) -> tuple[list[str], torch.Tensor]:
     """Fixed (prompts, hints) for validation: explicit ``samples`` ({prompt, hint: path}) or the
-    first ``num_samples`` of ``shards``, read in order."""
+    first ``num_samples`` of ``shards``, read in order, center-cropped."""
     resolution = int(data_cfg.resolution)
     if val_cfg.get("samples"):
         prompts, hints = [], []
@@ -106,9 +150,7 @@ def validation_samples(val_cfg: DictConfig, data_cfg: DictConfig, hint_channels:
         return prompts, torch.stack(hints)
     if not val_cfg.get("shards") or int(val_cfg.num_samples) <= 0:
         return [], torch.empty(0)
-    decoder = make_decoder(data_cfg, hint_channels)
-    source = wds.DataPipeline(
-        wds.SimpleShardList(expand_shards(val_cfg.shards)), wds.tarfile_to_samples(), wds.map(decoder)
-    )
-    samples = [s for _, s in zip(range(int(val_cfg.num_samples)), source)]
-    return [s["caption"] for s in samples], torch.stack([s["hint"] for s in samples])
+    decoder = make_decoder(data_cfg, hint_channels, augment=False)
+    stream = SampleStream([(ShardSource(expand_shards(val_cfg.shards)), 1.0)], decoder, 1, 0, shuffle_buffer=0)
+    samples = list(islice(batches(stream), int(val_cfg.num_samples)))
+    return [s["caption"][0] for s in samples], torch.cat([s["hint"] for s in samples])

@@ -6,6 +6,7 @@ two can never drift apart. Training, validation and generation all go through th
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,22 +16,54 @@ from PIL import Image
 
 @dataclass(frozen=True)
 class ResizeCrop:
-    """Resize so the smaller side is ``size``, then crop a ``size`` x ``size`` box."""
+    """Resize so the smaller side is ``size``, crop a ``size`` x ``size`` box, optionally mirror.
+
+    The parameters are drawn once per sample and applied to image and hint alike.
+    """
 
     resized: tuple[int, int]  # (width, height) after resize
     box: tuple[int, int, int, int]  # (left, top, right, bottom) in the resized image
+    flip: bool = False
+
+    @staticmethod
+    def _resized(width: int, height: int, size: int) -> tuple[int, int]:
+        scale = size / min(width, height)
+        return max(size, round(width * scale)), max(size, round(height * scale))
 
     @classmethod
     def center(cls, width: int, height: int, size: int) -> "ResizeCrop":
-        scale = size / min(width, height)
-        w, h = max(size, round(width * scale)), max(size, round(height * scale))
+        w, h = cls._resized(width, height, size)
         left, top = (w - size) // 2, (h - size) // 2
         return cls((w, h), (left, top, left + size, top + size))
+
+    @classmethod
+    def draw(
+        cls,
+        width: int,
+        height: int,
+        size: int,
+        crop: str = "center",
+        hflip: float = 0.0,
+        rng: random.Random | None = None,
+    ) -> "ResizeCrop":
+        """Parameters for one sample: ``crop`` is ``center`` or ``random``; ``hflip`` a probability."""
+        if crop == "center" and not hflip:
+            return cls.center(width, height, size)
+        rng = rng or random.Random(0)
+        w, h = cls._resized(width, height, size)
+        if crop == "random":
+            left, top = rng.randint(0, w - size), rng.randint(0, h - size)
+        elif crop == "center":
+            left, top = (w - size) // 2, (h - size) // 2
+        else:
+            raise ValueError(f"data.augment.crop={crop!r}: use center or random")
+        return cls((w, h), (left, top, left + size, top + size), flip=rng.random() < hflip)
 
     def apply(self, img: Image.Image, resample: int) -> Image.Image:
         if img.size != self.resized:
             img = img.resize(self.resized, resample=resample)
-        return img.crop(self.box)
+        img = img.crop(self.box)
+        return img.transpose(Image.FLIP_LEFT_RIGHT) if self.flip else img
 
 
 def image_to_tensor(img: Image.Image) -> torch.Tensor:

@@ -1,19 +1,26 @@
-"""WebDataset tar shards -> batches (image [-1, 1], hint [0, 1] RGB, caption).
+"""Samples -> batches (image [-1, 1], hint [0, 1] RGB, caption), deterministically.
 
-The stream is deterministic: epoch ``e`` shuffles the shard list with (seed, e) before splitting
-it by rank and worker, and each worker's sample buffer with (seed, e, rank, worker). Every batch
-carries its ``data_position`` (epoch, index), so a resumed run starts exactly after the last batch
-the model consumed, whatever the loader had prefetched.
+Epoch ``e`` of a stream is a pure function of (seed, e, rank, worker): the shard order is shuffled
+with (seed, e) before it is split by rank and worker, sample buffers and resampling with
+(seed, e, rank, worker), augmentation with (seed, e, sample key). Every batch carries its
+``data_position`` (epoch, index), so a resumed run starts exactly after the last batch the model
+consumed, whatever the loader had prefetched. In resampled mode the same holds for the same
+number of ranks and workers.
+
+Bad samples (missing member, corrupt image, size mismatch, truncated tar) are skipped, logged with
+shard and key, and counted by reason; batches carry their worker's counts to the main process.
 """
 
 from __future__ import annotations
 
 import glob
-import io
+import itertools
 import json
 import logging
 import os
 import random
+from collections import Counter
+from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -24,9 +31,12 @@ from PIL import Image
 from webdataset.filters import _shuffle
 from webdataset.utils import pytorch_worker_info
 
-from nemo_controlnet.data.transforms import hint_to_tensor, image_to_tensor, paired_resize_crop
+from nemo_controlnet.data.decode import BadSample, decode_caption, load_image
+from nemo_controlnet.data.transforms import ResizeCrop, hint_to_tensor, image_to_tensor
 
 log = logging.getLogger(__name__)
+
+STATS = "data_stats"
 
 
 def expand_shards(spec: str | Iterable[str]) -> list[str]:
@@ -55,48 +65,75 @@ def expand_shards(spec: str | Iterable[str]) -> list[str]:
     return urls
 
 
-def log_and_skip(exn: Exception) -> bool:
-    """webdataset handler: a bad sample or shard is logged with its location and skipped."""
-    log.warning("skipping bad data: %s: %s", type(exn).__name__, exn)
-    return True
+class SkipCounter:
+    """A webdataset handler that logs a bad sample or shard, counts it by reason, and goes on."""
+
+    def __init__(self):
+        self.counts: Counter = Counter()
+
+    def __call__(self, exn: Exception) -> bool:
+        reason = exn.reason if isinstance(exn, BadSample) else f"bad_shard_{type(exn).__name__}"
+        self.counts[reason] += 1
+        log.warning("skipping bad data (%s): %s", reason, exn)
+        return True
 
 
 class SampleDecoder:
-    """Raw tar members -> tensors. A picklable object, so DataLoader workers can run it."""
+    """Raw members -> tensors: decode, draw the geometry once for image and hint, and compute the
+    hint after augmentation when the sample has none (or ``detector`` is set to regenerate it).
+
+    A picklable object, so DataLoader workers can run it.
+    """
 
     def __init__(
         self,
         resolution: int,
-        image_key: str,
-        hint_key: str,
-        caption_key: str,
-        hint_channels: int,
+        image_key: str = "jpg",
+        hint_key: str = "png",
+        caption_key: str = "txt",
+        hint_channels: int = 3,
         control_key: str = "hint",
+        crop: str = "center",
+        hflip: float = 0.0,
+        detector: Callable | None = None,
+        regenerate: bool = False,
+        seed: int = 0,
     ):
         self.resolution = resolution
         self.image_key, self.hint_key, self.caption_key = image_key, hint_key, caption_key
         self.hint_channels = hint_channels
         self.control_key = control_key  # the hint's name in the batch (model.control_key)
+        self.crop, self.hflip = crop, hflip
+        self.detector = detector  # computes a hint after augmentation when the sample has none
+        self.regenerate = regenerate  # compute it even when the sample has one
+        if regenerate and detector is None:
+            raise ValueError("regenerating hints needs a detector")
+        self.seed = seed
+        self.epoch = 0
 
     def __call__(self, sample: dict) -> dict:
-        where = f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
-        for key in (self.image_key, self.hint_key):
-            if key not in sample:
-                raise KeyError(
-                    f"{where}: no '{key}' member (has {sorted(k for k in sample if not k.startswith('__'))})"
-                )
+        key = sample.get("__key__", "?")
+        where = f"{sample.get('__url__', '?')}:{key}"
         try:
-            image = Image.open(io.BytesIO(sample[self.image_key])).convert("RGB")
-            hint = Image.open(io.BytesIO(sample[self.hint_key]))
-            image, hint = paired_resize_crop(image, hint, self.resolution)
-            caption = sample[self.caption_key].decode("utf-8").strip() if self.caption_key in sample else ""
-        except Exception as e:
-            raise ValueError(f"{where}: {e}") from e
+            image, _ = load_image(sample.get(self.image_key), "image")
+            stored = None if self.regenerate else sample.get(self.hint_key)
+            if stored is None and self.detector is None:
+                raise BadSample("missing_hint", f"no '{self.hint_key}' member and no detector to compute one")
+            hint = load_image(stored, "hint")[0] if stored is not None else None
+            if hint is not None and hint.size != image.size:
+                raise BadSample("size_mismatch", f"image {image.size} vs hint {hint.size}")
+            caption = decode_caption(sample.get(self.caption_key), required=False)
+        except BadSample as e:
+            raise BadSample(e.reason, f"{where}: {e}") from e
+        rng = random.Random(f"{self.seed}-{self.epoch}-{key}")
+        geometry = ResizeCrop.draw(*image.size, self.resolution, self.crop, self.hflip, rng)
+        image = geometry.apply(image, Image.BICUBIC)
+        hint = geometry.apply(hint, Image.BILINEAR) if hint is not None else self.detector(image, None, rng)[0]
         return {
             "image": image_to_tensor(image),
             self.control_key: hint_to_tensor(hint, self.hint_channels),
             "caption": caption,
-            "key": sample["__key__"],
+            "key": key,
         }
 
 
@@ -108,16 +145,84 @@ def collate(samples: list[dict]) -> dict:
     }
 
 
-class _WorkerShuffle:
-    """A sample buffer shuffled differently on every rank and worker, reproducibly."""
+class ShardSource:
+    """Tar shards: split by rank and worker, or (resampled) drawn with replacement forever."""
 
-    def __init__(self, bufsize: int, seed: int, epoch: int):
-        self.bufsize, self.seed, self.epoch = bufsize, seed, epoch
+    def __init__(self, urls: list[str]):
+        self.urls = list(urls)
 
-    def __call__(self, src):
-        rank, _, worker, _ = pytorch_worker_info()
-        rng = random.Random(f"{self.seed}-{self.epoch}-{rank}-{worker}")
-        return _shuffle(src, bufsize=self.bufsize, initial=min(self.bufsize, 100), rng=rng)
+    def samples(self, rng_seed: str, epoch_seed: str, resampled: bool, handler) -> Iterator[dict]:
+        rank, world, worker, workers = pytorch_worker_info()
+        if resampled:
+            rng = random.Random(rng_seed)
+            shards = ({"url": rng.choice(self.urls)} for _ in itertools.count())
+        else:
+            order = list(self.urls)
+            random.Random(epoch_seed).shuffle(order)  # the same order on every rank, before splitting
+            shards = ({"url": u} for u in order[rank::world][worker::workers])
+        return wds.tarfile_samples(shards, handler=handler)
+
+
+def _mix(streams: list[Iterator[dict]], weights: list[float], rng: random.Random) -> Iterator[dict]:
+    """Draw from the streams by weight; an exhausted stream drops out and the rest go on."""
+    streams, weights = list(streams), list(weights)
+    while streams:
+        i = rng.choices(range(len(streams)), weights=weights)[0]
+        try:
+            yield next(streams[i])
+        except StopIteration:
+            del streams[i], weights[i]
+
+
+class SampleStream(torch.utils.data.IterableDataset):
+    """One epoch of batches from one or more weighted sources."""
+
+    def __init__(
+        self,
+        sources: list[tuple[object, float]],
+        decoder: SampleDecoder,
+        batch_size: int,
+        epoch: int,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        resampled: bool = False,
+        samples_per_epoch: int | None = None,
+        drop_last: bool = True,
+    ):
+        self.sources, self.decoder = sources, decoder
+        self.batch_size, self.epoch, self.seed = batch_size, epoch, seed
+        self.shuffle_buffer, self.resampled, self.samples_per_epoch = shuffle_buffer, resampled, samples_per_epoch
+        self.drop_last = drop_last
+        if resampled and not samples_per_epoch:
+            raise ValueError("data.resampled=true needs data.samples_per_epoch (the stream is endless)")
+
+    def __iter__(self) -> Iterator[dict]:
+        rank, world, worker, workers = pytorch_worker_info()
+        tag = f"{self.seed}-{self.epoch}-{rank}-{worker}"
+        counter = SkipCounter()
+        self.decoder.epoch = self.epoch
+        streams = [
+            iter(src.samples(f"{tag}-{i}", f"{self.seed}-{self.epoch}-{i}", self.resampled, counter))
+            for i, (src, _) in enumerate(self.sources)
+        ]
+        samples = streams[0] if len(streams) == 1 else _mix(streams, [w for _, w in self.sources], random.Random(tag))
+        if self.resampled:
+            samples = islice(samples, self.samples_per_epoch // (world * workers))
+        if self.shuffle_buffer > 0:
+            samples = _shuffle(samples, self.shuffle_buffer, min(self.shuffle_buffer, 100), random.Random(tag))
+        batch: list[dict] = []
+        for raw in samples:
+            try:
+                batch.append(self.decoder(raw))
+            except Exception as e:
+                counter(e)
+                continue
+            if len(batch) == self.batch_size:
+                yield {**collate(batch), STATS: {"worker": (rank, worker), "skipped": dict(counter.counts)}}
+                batch = []
+        if batch and not self.drop_last:
+            yield {**collate(batch), STATS: {"worker": (rank, worker), "skipped": dict(counter.counts)}}
+        yield {STATS: {"worker": (rank, worker), "skipped": dict(counter.counts)}}  # this worker's final count
 
 
 def epoch_pipeline(
@@ -128,23 +233,15 @@ def epoch_pipeline(
     seed: int = 0,
     shuffle_buffer: int = 1000,
     drop_last: bool = True,
-) -> wds.DataPipeline:
-    order = list(urls)
-    if shuffle_buffer > 0:
-        random.Random(f"{seed}-{epoch}").shuffle(order)  # the same order on every rank, before splitting
-    stages = [
-        wds.SimpleShardList(order),
-        wds.split_by_node,
-        wds.split_by_worker,
-        wds.tarfile_to_samples(handler=log_and_skip),
-    ]
-    if shuffle_buffer > 0:
-        stages.append(_WorkerShuffle(shuffle_buffer, seed, epoch))
-    stages += [
-        wds.map(decoder, handler=log_and_skip),
-        wds.batched(batch_size, collation_fn=collate, partial=not drop_last),
-    ]
-    return wds.DataPipeline(*stages)
+) -> SampleStream:
+    """One epoch over one shard set (the common case of ``SampleStream``)."""
+    return SampleStream([(ShardSource(urls), 1.0)], decoder, batch_size, epoch, seed, shuffle_buffer,
+                        drop_last=drop_last)  # fmt: skip
+
+
+def batches(stream: Iterable[dict]) -> Iterator[dict]:
+    """The batches of a stream, without its per-worker count records."""
+    return (b for b in stream if set(b) != {STATS})
 
 
 class EpochStream:
@@ -152,28 +249,38 @@ class EpochStream:
 
     Batches up to and including ``start`` (epoch, index) are skipped. They are still read and
     decoded (a batch's content depends on the worker interleaving), which costs time on resume but
-    never replays or drops a sample.
+    never replays or drops a sample. ``skipped`` totals the bad samples of finished epochs.
     """
 
     def __init__(self, make_epoch: Callable[[int], Iterable[dict]], start: tuple[int, int] = (0, -1)):
         self.make_epoch = make_epoch
         self.start = start
+        self.skipped: Counter = Counter()
 
     def __iter__(self) -> Iterator[dict]:
         epoch, last = self.start
         if last >= 0:
             log.info("resuming data stream after epoch %d batch %d", epoch, last)
         while True:
-            count = 0
-            for index, batch in enumerate(self.make_epoch(epoch)):
-                count += 1
-                if index <= last:
+            index, per_worker = 0, {}
+            for batch in self.make_epoch(epoch):
+                stats = batch.pop(STATS, None)
+                if stats is not None:
+                    per_worker[tuple(stats["worker"])] = stats["skipped"]
+                if not batch:
                     continue
-                batch["data_position"] = (epoch, index)
+                index += 1
+                if index - 1 <= last:
+                    continue
+                batch["data_position"] = (epoch, index - 1)
                 yield batch
-            if count == 0:
+            skipped = sum((Counter(c) for c in per_worker.values()), Counter())
+            self.skipped.update(skipped)
+            if index == 0:
                 raise RuntimeError(
-                    f"epoch {epoch} produced no batch: too few samples for the batch size, or every sample was bad"
+                    f"epoch {epoch} produced no batch: too few samples for the batch size, or every sample "
+                    f"was bad (skipped: {dict(skipped)})"
                 )
-            log.info("data epoch %d done: %d batches", epoch, count)
+            log.info("data epoch %d done: %d batches, %d bad samples skipped %s", epoch, index,
+                     sum(skipped.values()), dict(skipped))  # fmt: skip
             epoch, last = epoch + 1, -1

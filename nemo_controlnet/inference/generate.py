@@ -7,11 +7,11 @@ from pathlib import Path
 
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
-from nemo_controlnet.data.hints import get_hint
 from nemo_controlnet.data.transforms import ResizeCrop, hint_to_tensor, prepare_hint
 from nemo_controlnet.inference.pipeline import controlnet_pipeline, grid, hint_to_uint8, sample
 from nemo_controlnet.io import atomic_path
@@ -46,10 +46,9 @@ def load_hints(cfg: DictConfig, resolution: int, channels: int) -> torch.Tensor:
                 raise FileNotFoundError(f"hints: no file {p}")
         return torch.stack([prepare_hint(Image.open(p), resolution, channels) for p in paths])
     if cfg.images:
-        if not cfg.hint:
+        if not cfg.get("hint"):
             raise ValueError("images=[...] needs hint=<detector> (e.g. hint=canny) to compute the hints")
-        detector = get_hint(cfg.hint)
-        params = OmegaConf.to_container(cfg.get(cfg.hint) or {}, resolve=True)
+        detector = instantiate(cfg.hint)
         hints = []
         for p in map(Path, cfg.images):
             if not p.is_file():
@@ -57,7 +56,7 @@ def load_hints(cfg: DictConfig, resolution: int, channels: int) -> torch.Tensor:
             image = Image.open(p).convert("RGB")
             # The hint is computed after the geometric transform, as in training.
             image = ResizeCrop.center(*image.size, resolution).apply(image, Image.BICUBIC)
-            hints.append(hint_to_tensor(detector(image, **params), channels))
+            hints.append(hint_to_tensor(detector(image)[0], channels))
         return torch.stack(hints)
     raise ValueError("nothing to generate: give hints=[...] or images=[...] with hint=canny")
 

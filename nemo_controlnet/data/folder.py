@@ -1,0 +1,62 @@
+"""An image folder as training data, with hints precomputed beside it (``controlnet-prep
+mode=precompute``) or computed on the fly, after augmentation, where one is missing."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from pathlib import Path
+from typing import Iterator
+
+from webdataset.utils import pytorch_worker_info
+
+from nemo_controlnet.data.prep import precomputed_hint_path
+from nemo_controlnet.data.sources import ImageFolder
+
+log = logging.getLogger(__name__)
+
+
+def _read(path: Path) -> bytes | None:
+    return path.read_bytes() if path.is_file() else None
+
+
+class FolderSource:
+    """Samples shaped like tar members (``jpg``, ``png``, ``txt``), so the shard decoder serves both."""
+
+    def __init__(self, root: str, hints_dir: str | None = None, suffix: str = "canny", on_the_fly: bool = False):
+        self.root = Path(root)
+        self.hints_dir = Path(hints_dir) if hints_dir else self.root / suffix
+        paths = ImageFolder(str(self.root), caption="", exclude_dirs=(self.hints_dir.name,)).image_paths()
+        self.items = [(p, precomputed_hint_path(self.hints_dir, p.relative_to(self.root), suffix)) for p in paths]
+        if not self.items:
+            raise FileNotFoundError(f"data.folder.root: no images under {self.root}")
+        missing = [h for _, h in self.items if not h.is_file()]
+        if missing and not on_the_fly:
+            raise FileNotFoundError(
+                f"data.folder: {len(missing)} of {len(self.items)} precomputed hints missing, first: {missing[0]} "
+                "(run controlnet-prep mode=precompute, or set data.hint.on_the_fly=true)"
+            )
+        log.info("folder %s: %d images, %d precomputed hints in %s", self.root, len(self.items),
+                 len(self.items) - len(missing), self.hints_dir)  # fmt: skip
+
+    def samples(self, rng_seed: str, epoch_seed: str, resampled: bool, handler) -> Iterator[dict]:
+        rank, world, worker, workers = pytorch_worker_info()
+        if resampled:
+            rng = random.Random(rng_seed)
+            items = (rng.choice(self.items) for _ in itertools.count())
+        else:
+            order = list(self.items)
+            random.Random(epoch_seed).shuffle(order)
+            items = iter(order[rank::world][worker::workers])
+        for image, hint in items:
+            key = str(image.relative_to(self.root).with_suffix(""))
+            sample = {
+                "__key__": key,
+                "__url__": str(image),
+                "jpg": _read(image),
+                "txt": _read(image.with_suffix(".txt")),
+            }
+            if hint.is_file():
+                sample["png"] = _read(hint)
+            yield sample

@@ -1,0 +1,85 @@
+"""Output bookkeeping of ``controlnet-prep``: per-shard stats sidecars and the manifest.
+
+A shard counts as complete when its tar and its stats file (``.prep/<name>.json``, written after
+the tar was renamed into place) both exist. The manifest is built only from stats files, so it
+never lists a shard that is partial or missing; it is replaced atomically.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from nemo_controlnet import __version__
+from nemo_controlnet.io import write_json_atomic
+
+STATE_DIR = ".prep"
+MANIFEST = "manifest.json"
+
+
+def shard_name(prefix: str, index: int) -> str:
+    return f"{prefix}-{index:06d}.tar"
+
+
+def stats_path(out_dir: Path, name: str) -> Path:
+    return out_dir / STATE_DIR / f"{name}.json"
+
+
+def is_complete(out_dir: Path, name: str) -> bool:
+    return (out_dir / name).is_file() and stats_path(out_dir, name).is_file()
+
+
+def read_stats(out_dir: Path, name: str) -> dict:
+    return json.loads(stats_path(out_dir, name).read_text())
+
+
+def write_stats(out_dir: Path, name: str, stats: dict) -> None:
+    write_json_atomic(stats_path(out_dir, name), stats)
+
+
+def check_params(out_dir: Path, params: dict, overwrite: bool) -> None:
+    """One output directory, one set of parameters: a re-run with others must say overwrite=true."""
+    path = out_dir / STATE_DIR / "params.json"
+    if path.is_file() and not overwrite:
+        old = json.loads(path.read_text())
+        if old != params:
+            changed = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
+            raise ValueError(
+                f"{out_dir} was written with other parameters (differing: {', '.join(changed)}); "
+                "use another out_dir, or overwrite=true to redo it"
+            )
+    write_json_atomic(path, params)
+
+
+def write_manifest(out_dir: Path, params: dict, num_units: int, prefix: str) -> dict:
+    """The manifest from the complete shards of this plan (units 0..num_units-1), written atomically.
+
+    Only shards whose stats exist are listed; empty ones (every sample skipped) are left out of
+    ``shards`` so no rank or worker is handed a shard without data, but count as complete.
+    """
+    shards, done, skipped, converted = [], 0, Counter(), Counter()
+    for index in range(num_units):
+        name = shard_name(prefix, index)
+        if not is_complete(out_dir, name):
+            continue
+        stats = read_stats(out_dir, name)
+        done += 1
+        if stats["num_samples"]:
+            shards.append({"name": name, "num_samples": stats["num_samples"]})
+        skipped.update(stats.get("skipped", {}))
+        converted.update(stats.get("converted", {}))
+    manifest = {
+        "tool": "nemo_controlnet.prep",
+        "version": __version__,
+        "params": params,
+        "shards": shards,
+        "num_shards": len(shards),
+        "num_units": num_units,
+        "complete": done == num_units,
+        "num_samples": sum(s["num_samples"] for s in shards),
+        "skipped": dict(sorted(skipped.items())),
+        "converted": dict(sorted(converted.items())),
+    }
+    write_json_atomic(out_dir / MANIFEST, manifest)
+    return manifest
