@@ -64,4 +64,3 @@ class Given:
         if conditioning is None:
             raise MissingConditioning("the hint detector 'given' needs a conditioning image")
         return conditioning.convert("RGB"), {"detector": "given"}
-

@@ -225,6 +225,9 @@ def make_shards(cfg: DictConfig) -> dict:
     task_index, num_tasks = resolve_task(cfg.task_index, cfg.num_tasks)
     mine = task_units(len(units), task_index, num_tasks)
     todo = [i for i in mine if cfg.overwrite or not is_complete(out_dir, shard_name(cfg.prefix, i))]
+    for i in todo:  # what a killed run was writing; only this task ever writes these units
+        for stale in out_dir.glob(f".{shard_name(cfg.prefix, i)}.tmp-*"):
+            stale.unlink(missing_ok=True)
     log.info(
         "task %d/%d: %d of %d shards are this task's, %d already complete, %d to write with %d worker(s)",
         task_index, num_tasks, len(mine), len(units), len(mine) - len(todo), len(todo), cfg.workers,
@@ -335,4 +338,8 @@ def run_prep(cfg: DictConfig) -> dict:
     modes = {"shards": make_shards, "merge": merge, "precompute": precompute}
     if cfg.mode not in modes:
         raise ValueError(f"mode={cfg.mode!r}: use one of {sorted(modes)}")
+    if cfg.mode != "precompute" and not cfg.get("out_dir"):
+        raise ValueError(f"out_dir: required for mode={cfg.mode} (where the shards and manifest.json go)")
+    if cfg.shard_size <= 0 or cfg.workers < 0:
+        raise ValueError(f"shard_size={cfg.shard_size} must be > 0 and workers={cfg.workers} >= 0")
     return modes[cfg.mode](cfg)
