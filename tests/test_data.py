@@ -12,7 +12,7 @@ import webdataset as wds
 from PIL import Image
 
 from nemo_controlnet.data.synthetic import circle_params, render, write_shapes_dataset
-from nemo_controlnet.data.transforms import paired_resize_crop, prepare_hint
+from nemo_controlnet.data.transforms import normalize_batch, normalize_hint, paired_resize_crop, prepare_hint
 from nemo_controlnet.data.webdataset import EpochStream, SampleDecoder, batches, epoch_pipeline, expand_shards
 
 DECODER = SampleDecoder(64, "jpg", "png", "txt", hint_channels=3)
@@ -81,8 +81,10 @@ def test_interrupted_synthetic_write_is_redone(tmp_path):
 def test_batches_follow_the_contract(shapes_dir):
     urls = expand_shards(shapes_dir / "train")
     batch = next(iter(epoch_pipeline(urls, DECODER, batch_size=4, epoch=0)))
-    assert batch["image"].shape == (4, 3, 64, 64) and batch["image"].dtype == torch.float32
-    assert batch["hint"].shape == (4, 3, 64, 64) and batch["hint"].dtype == torch.float32
+    assert batch["image"].shape == (4, 3, 64, 64) and batch["image"].dtype == torch.uint8
+    assert batch["hint"].shape == (4, 3, 64, 64) and batch["hint"].dtype == torch.uint8
+    batch = normalize_batch(batch)  # what the model gets, after the transfer to its device
+    assert batch["image"].dtype == batch["hint"].dtype == torch.float32
     assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0 and batch["image"].min() < -0.5
     assert batch["hint"].min() == 0.0 and batch["hint"].max() == 1.0  # [0, 1], white outline on black
     assert all(c.endswith("background") for c in batch["caption"]) and len(batch["key"]) == 4
@@ -98,12 +100,12 @@ def test_hint_channel_order_and_grayscale_hints(tmp_path):
         sink.write({"__key__": "rgb", "jpg": _jpg(image), "png": _png(hint), "txt": "x"})
         sink.write({"__key__": "gray", "jpg": _jpg(image), "png": _png(gray), "txt": "y"})
     batch = next(iter(epoch_pipeline([str(tmp_path / "s.tar")], DECODER, 2, 0, shuffle_buffer=0)))
-    rgb, g = batch["hint"][0], batch["hint"][1]
+    rgb, g = normalize_hint(batch["hint"][0]), normalize_hint(batch["hint"][1])
     assert rgb[:, 10, 20].tolist() == [1.0, 0.0, 0.0]
     assert g.shape[0] == 3 and g[:, 5, 6].tolist() == [1.0, 1.0, 1.0]  # grayscale replicated to RGB
     one = SampleDecoder(64, "jpg", "png", "txt", hint_channels=1)
     sample = one({"__key__": "g", "jpg": _jpg(image), "png": _png(gray), "txt": b"y"})
-    assert sample["hint"].shape == (1, 64, 64) and sample["hint"][0, 5, 6] == 1.0
+    assert sample["hint"].shape == (1, 64, 64) and sample["hint"][0, 5, 6] == 255
 
 
 def test_paired_resize_crop_keeps_image_and_hint_aligned():

@@ -83,7 +83,7 @@ def test_image_folder_with_sidecar_captions(tmp_path):
     assert s["txt"] == b"square number 4"
     # The hint is Canny of the decoded source image, and recorded with its parameters.
     expected, params = Canny()(Image.open(root / "img4.png").convert("RGB"))
-    assert np.array_equal(decode(s["png"]), np.asarray(expected))
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(s["png"]))), np.asarray(expected))  # one channel
     assert json.loads(s["json"])["hint"] == params
 
 
@@ -96,7 +96,7 @@ def test_image_folder_with_fixed_caption_and_resize(tmp_path):
     assert len(samples) == 3 and {s["txt"] for s in samples.values()} == {b"a photo"}
     meta = json.loads(next(iter(samples.values()))["json"])
     assert meta["original_size"] == [96, 64] and meta["size"] == [48, 32]
-    assert decode(next(iter(samples.values()))["png"]).shape == (32, 48, 3)
+    assert decode(next(iter(samples.values()))["png"]).shape == (32, 48, 3)  # hint at the resized size
 
 
 def test_metadata_jsonl_with_given_hints_and_custom_columns(tmp_path):

@@ -378,3 +378,22 @@ def test_validation_keeps_train_mode_and_rng(train_cfg):
     picture = np.asarray(Image.open(Path(cfg.run_dir) / "val-test" / "step_0000007.png"))
     assert picture.shape == (128, 128, 3)
     assert np.array_equal(picture[:64, :64], (hints[0] * 255).round().byte().permute(1, 2, 0).numpy())
+
+
+def test_training_on_an_image_folder_with_augmentation(train_cfg, tmp_path):
+    root = tmp_path / "photos"
+    root.mkdir()
+    for i in range(4):
+        arr = np.zeros((72, 96, 3), np.uint8)
+        arr[10 + i : 50, 20:70] = (200, 40 * i, 90)
+        Image.fromarray(arr).save(root / f"{i}.jpg")
+        (root / f"{i}.txt").write_text(f"box {i}")
+    cfg = train_cfg(
+        "data=folder", "data.shards=null", f"data.folder.root={root}", "data.hint.on_the_fly=true",
+        "data.augment.crop=random", "data.augment.hflip=0.5", "data.resolution=64", "data.batch_size=2",
+        "data.num_workers=0", "data.synthetic=null", "trainer.max_steps=3", "validation.num_samples=0",
+    )  # fmt: skip
+    trainer, module = train(cfg)
+    assert trainer.global_step == 3 and module.data_position == (1, 0)  # 2 batches an epoch
+    with pytest.raises(ConfigError, match="exactly one of data.shards, data.datasets, data.folder"):
+        validate_train_config(compose_train([f"data.datasets=[{{shards: {root}}}]"]))

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from nemo_controlnet.data.transforms import prepare_hint
+from nemo_controlnet.data.transforms import normalize_hint, prepare_hint
 from nemo_controlnet.data.webdataset import (
     EpochStream,
     SampleDecoder,
@@ -153,4 +153,4 @@ def validation_samples(val_cfg: DictConfig, data_cfg: DictConfig, hint_channels:
     decoder = make_decoder(data_cfg, hint_channels, augment=False)
     stream = SampleStream([(ShardSource(expand_shards(val_cfg.shards)), 1.0)], decoder, 1, 0, shuffle_buffer=0)
     samples = list(islice(batches(stream), int(val_cfg.num_samples)))
-    return [s["caption"][0] for s in samples], torch.cat([s["hint"] for s in samples])
+    return [s["caption"][0] for s in samples], normalize_hint(torch.cat([s["hint"] for s in samples]))

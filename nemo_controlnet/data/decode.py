@@ -37,18 +37,41 @@ def to_rgb(image: Image.Image) -> tuple[Image.Image, str | None]:
     return image.convert("RGB"), f"{mode}->RGB"
 
 
-def load_image(data: bytes | None, what: str = "image") -> tuple[Image.Image, str | None]:
+def open_image(data: bytes | None, what: str = "image") -> Image.Image:
+    """Parse the header only: size and format are known, no pixels decoded yet."""
     if data is None:
         raise BadSample(f"missing_{what}")
     if len(data) == 0:
         raise BadSample(f"empty_{what}")
     try:
         image = Image.open(io.BytesIO(data))
-        image.load()
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError... for bad files
         raise BadSample(f"corrupt_{what}", f"{type(e).__name__}: {e}") from e
     if image.width == 0 or image.height == 0:
         raise BadSample(f"zero_size_{what}")
+    return image
+
+
+def load_image(
+    data: bytes | Image.Image | None,
+    what: str = "image",
+    draft_size: tuple[int, int] | None = None,
+    gray_ok: bool = False,
+) -> tuple[Image.Image, str | None]:
+    """Decoded 8-bit RGB (or L with ``gray_ok``) and the conversion done.
+
+    ``draft_size``: a JPEG at least twice that size is decoded at a reduced DCT scale (still at
+    least that size), which skips most of the decoding of a large photo headed for 512 px.
+    """
+    image = data if isinstance(data, Image.Image) else open_image(data, what)
+    if draft_size and image.format == "JPEG":
+        image.draft("RGB", draft_size)
+    try:
+        image.load()
+    except Exception as e:
+        raise BadSample(f"corrupt_{what}", f"{type(e).__name__}: {e}") from e
+    if gray_ok and image.mode == "L":
+        return image, None
     return to_rgb(image)
 
 

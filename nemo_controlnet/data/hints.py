@@ -20,7 +20,10 @@ class MissingConditioning(ValueError):
 
 
 class Canny:
-    """cv2.Canny with optional Gaussian blur and, as ControlNet 1.0 trained, random thresholds."""
+    """cv2.Canny with optional Gaussian blur and, as ControlNet 1.0 trained, random thresholds.
+
+    Takes a PIL image or an RGB uint8 array; returns a single-channel (L) edge map.
+    """
 
     def __init__(
         self,
@@ -47,12 +50,13 @@ class Canny:
             rng = rng or random.Random(0)
             low = rng.randint(*self.low_range)
             high = max(low, rng.randint(*self.high_range))
-        arr = np.asarray(image.convert("RGB"))
+        arr = np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else np.asarray(image)
         if self.blur:
             arr = cv2.GaussianBlur(arr, (self.blur, self.blur), 0)
         edges = cv2.Canny(arr, low, high)
         params = {"detector": "canny", "low_threshold": low, "high_threshold": high, "blur": self.blur}
-        return Image.fromarray(np.stack([edges] * 3, axis=2)), params
+        # One channel: a third of the bytes to store and decode; loaders replicate it to RGB.
+        return Image.fromarray(edges), params
 
 
 class Given:

@@ -1,7 +1,9 @@
 """Paired transforms and the tensor contract (DESIGN.md): image in [-1, 1], hint in [0, 1] RGB.
 
 Geometric parameters are computed once per sample and applied to image and hint alike, so the
-two can never drift apart. Training, validation and generation all go through these functions.
+two can never drift apart. The loader's workers emit uint8 tensors (a quarter of the bytes through
+worker IPC and the host-to-device copy); ``normalize_batch`` turns them into the contract's floats,
+on the device, right before the model. Training, validation and generation all go through here.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -16,10 +19,7 @@ from PIL import Image
 
 @dataclass(frozen=True)
 class ResizeCrop:
-    """Resize so the smaller side is ``size``, crop a ``size`` x ``size`` box, optionally mirror.
-
-    The parameters are drawn once per sample and applied to image and hint alike.
-    """
+    """Resize so the smaller side is ``size``, crop a ``size`` x ``size`` box, optionally mirror."""
 
     resized: tuple[int, int]  # (width, height) after resize
     box: tuple[int, int, int, int]  # (left, top, right, bottom) in the resized image
@@ -59,35 +59,76 @@ class ResizeCrop:
             raise ValueError(f"data.augment.crop={crop!r}: use center or random")
         return cls((w, h), (left, top, left + size, top + size), flip=rng.random() < hflip)
 
-    def apply(self, img: Image.Image, resample: int) -> Image.Image:
-        if img.size != self.resized:
-            img = img.resize(self.resized, resample=resample)
-        img = img.crop(self.box)
-        return img.transpose(Image.FLIP_LEFT_RIGHT) if self.flip else img
+    def apply(self, img: np.ndarray | Image.Image, kind: str = "image") -> np.ndarray | Image.Image:
+        """The same geometry on an image or a hint (HWC or HW uint8 array, or PIL), any input size
+        with the same aspect. Downscaling averages (INTER_AREA: no aliasing, thin edges survive as
+        grey); upscaling is cubic for images, linear for hints."""
+        as_pil = isinstance(img, Image.Image)
+        arr = np.asarray(img)
+        h, w = arr.shape[:2]
+        if (w, h) != self.resized:
+            up = self.resized[0] > w
+            interp = (cv2.INTER_CUBIC if kind == "image" else cv2.INTER_LINEAR) if up else cv2.INTER_AREA
+            arr = cv2.resize(arr, self.resized, interpolation=interp)
+        left, top, right, bottom = self.box
+        arr = arr[top:bottom, left:right]
+        if self.flip:
+            arr = arr[:, ::-1]
+        arr = np.ascontiguousarray(arr)
+        return Image.fromarray(arr) if as_pil else arr
 
 
-def image_to_tensor(img: Image.Image) -> torch.Tensor:
-    arr = np.asarray(img.convert("RGB"), dtype=np.float32)
-    return torch.from_numpy(arr).permute(2, 0, 1) / 127.5 - 1.0
-
-
-def hint_to_tensor(img: Image.Image, channels: int = 3) -> torch.Tensor:
-    """A hint as the model sees it: float [0, 1], RGB (or one channel), CHW."""
-    mode = "L" if channels == 1 else "RGB"
-    arr = np.asarray(img.convert(mode), dtype=np.float32) / 255.0
+def to_uint8_chw(arr: np.ndarray | Image.Image, channels: int | None = None) -> torch.Tensor:
+    """HWC/HW uint8 -> CHW uint8 tensor; ``channels`` 3 replicates a grey hint, 1 greys an RGB one."""
+    arr = np.asarray(arr)
     if arr.ndim == 2:
         arr = arr[:, :, None]
+    if channels == 3 and arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    elif channels == 1 and arr.shape[2] == 3:
+        arr = cv2.cvtColor(arr, cv2.COLOR_RGB2GRAY)[:, :, None]
+    if not arr.flags.writeable:  # a view of a PIL image; torch wants memory it may own
+        arr = arr.copy()
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def normalize_image(t: torch.Tensor) -> torch.Tensor:
+    return t.float() / 127.5 - 1.0 if t.dtype == torch.uint8 else t
+
+
+def normalize_hint(t: torch.Tensor) -> torch.Tensor:
+    return t.float() / 255.0 if t.dtype == torch.uint8 else t
+
+
+def normalize_batch(batch: dict, control_key: str = "hint") -> dict:
+    """uint8 image/hint -> image float [-1, 1], hint float [0, 1]; float tensors pass unchanged."""
+    if "image" in batch:
+        batch["image"] = normalize_image(batch["image"])
+    if control_key in batch:
+        batch[control_key] = normalize_hint(batch[control_key])
+    return batch
+
+
+def image_to_tensor(img: np.ndarray | Image.Image) -> torch.Tensor:
+    return normalize_image(to_uint8_chw(np.asarray(img.convert("RGB") if isinstance(img, Image.Image) else img), 3))
+
+
+def hint_to_tensor(img: np.ndarray | Image.Image, channels: int = 3) -> torch.Tensor:
+    """A hint as the model sees it: float [0, 1], RGB (or one channel), CHW."""
+    if isinstance(img, Image.Image) and img.mode not in ("L", "RGB"):
+        img = img.convert("RGB")
+    return normalize_hint(to_uint8_chw(img, channels))
 
 
 def paired_resize_crop(image: Image.Image, hint: Image.Image, size: int) -> tuple[Image.Image, Image.Image]:
     if image.size != hint.size:
         raise ValueError(f"image size {image.size} and hint size {hint.size} differ")
     params = ResizeCrop.center(*image.size, size)
-    return params.apply(image, Image.BICUBIC), params.apply(hint, Image.BILINEAR)
+    return params.apply(image, "image"), params.apply(hint, "hint")
 
 
 def prepare_hint(hint: Image.Image, size: int, channels: int = 3) -> torch.Tensor:
     """A hint alone (generation, validation) through the same geometry and range as training."""
-    params = ResizeCrop.center(*hint.size, size)
-    return hint_to_tensor(params.apply(hint, Image.BILINEAR), channels)
+    if hint.mode not in ("L", "RGB"):
+        hint = hint.convert("RGB")
+    return hint_to_tensor(ResizeCrop.center(*hint.size, size).apply(hint, "hint"), channels)

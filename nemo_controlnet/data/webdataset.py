@@ -1,4 +1,6 @@
-"""Samples -> batches (image [-1, 1], hint [0, 1] RGB, caption), deterministically.
+"""Samples -> batches (uint8 image and hint, CHW; captions), deterministically.
+
+``transforms.normalize_batch`` makes them the contract's floats on the device.
 
 Epoch ``e`` of a stream is a pure function of (seed, e, rank, worker): the shard order is shuffled
 with (seed, e) before it is split by rank and worker, sample buffers and resampling with
@@ -25,14 +27,14 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import braceexpand
+import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
 from webdataset.filters import _shuffle
 from webdataset.utils import pytorch_worker_info
 
-from nemo_controlnet.data.decode import BadSample, decode_caption, load_image
-from nemo_controlnet.data.transforms import ResizeCrop, hint_to_tensor, image_to_tensor
+from nemo_controlnet.data.decode import BadSample, decode_caption, load_image, open_image
+from nemo_controlnet.data.transforms import ResizeCrop, to_uint8_chw
 
 log = logging.getLogger(__name__)
 
@@ -114,24 +116,27 @@ class SampleDecoder:
     def __call__(self, sample: dict) -> dict:
         key = sample.get("__key__", "?")
         where = f"{sample.get('__url__', '?')}:{key}"
+        rng = random.Random(f"{self.seed}-{self.epoch}-{key}")
         try:
-            image, _ = load_image(sample.get(self.image_key), "image")
+            image = open_image(sample.get(self.image_key), "image")
             stored = None if self.regenerate else sample.get(self.hint_key)
             if stored is None and self.detector is None:
                 raise BadSample("missing_hint", f"no '{self.hint_key}' member and no detector to compute one")
-            hint = load_image(stored, "hint")[0] if stored is not None else None
+            hint = open_image(stored, "hint") if stored is not None else None
             if hint is not None and hint.size != image.size:
                 raise BadSample("size_mismatch", f"image {image.size} vs hint {hint.size}")
+            # Geometry from the full size, before any reduced decoding: image and hint share it.
+            geometry = ResizeCrop.draw(*image.size, self.resolution, self.crop, self.hflip, rng)
+            image, _ = load_image(image, "image", draft_size=geometry.resized)
+            hint = load_image(hint, "hint", gray_ok=True)[0] if hint is not None else None
             caption = decode_caption(sample.get(self.caption_key), required=False)
         except BadSample as e:
             raise BadSample(e.reason, f"{where}: {e}") from e
-        rng = random.Random(f"{self.seed}-{self.epoch}-{key}")
-        geometry = ResizeCrop.draw(*image.size, self.resolution, self.crop, self.hflip, rng)
-        image = geometry.apply(image, Image.BICUBIC)
-        hint = geometry.apply(hint, Image.BILINEAR) if hint is not None else self.detector(image, None, rng)[0]
+        image = geometry.apply(np.asarray(image), "image")
+        hint = geometry.apply(np.asarray(hint), "hint") if hint is not None else self.detector(image, None, rng)[0]
         return {
-            "image": image_to_tensor(image),
-            self.control_key: hint_to_tensor(hint, self.hint_channels),
+            "image": to_uint8_chw(image, 3),
+            self.control_key: to_uint8_chw(hint, self.hint_channels),
             "caption": caption,
             "key": key,
         }

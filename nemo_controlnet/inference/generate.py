@@ -55,7 +55,7 @@ def load_hints(cfg: DictConfig, resolution: int, channels: int) -> torch.Tensor:
                 raise FileNotFoundError(f"images: no file {p}")
             image = Image.open(p).convert("RGB")
             # The hint is computed after the geometric transform, as in training.
-            image = ResizeCrop.center(*image.size, resolution).apply(image, Image.BICUBIC)
+            image = ResizeCrop.center(*image.size, resolution).apply(image, "image")
             hints.append(hint_to_tensor(detector(image)[0], channels))
         return torch.stack(hints)
     raise ValueError("nothing to generate: give hints=[...] or images=[...] with hint=canny")

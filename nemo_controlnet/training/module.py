@@ -11,6 +11,7 @@ from diffusers.optimization import get_scheduler
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from nemo_controlnet.data.transforms import normalize_batch
 from nemo_controlnet.models.controlnet import controlled_unet_forward, set_only_mid_control, unet_decoder_modules
 from nemo_controlnet.models.stack import build_stack, compute_dtype, fingerprint, freeze
 
@@ -118,6 +119,10 @@ class ControlNetModule(L.LightningModule):
         for name in ("controlnet", "unet", "vae", "text_encoder"):
             p = next(getattr(self, name).parameters())
             log.info("%s on %s in %s", name, p.device, p.dtype)
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        # The loader sends uint8; the floats of the contract are made here, on the device.
+        return normalize_batch(batch, self.control_key)
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if not self._first_batch_logged:
