@@ -89,7 +89,7 @@ def to_uint8_chw(arr: np.ndarray | Image.Image, channels: int | None = None) -> 
         arr = cv2.cvtColor(arr, cv2.COLOR_RGB2GRAY)[:, :, None]
     if not arr.flags.writeable:  # a view of a PIL image; torch wants memory it may own
         arr = arr.copy()
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(arr).permute(2, 0, 1)  # a view; collate's stack makes the one copy
 
 
 def normalize_image(t: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,22 @@
+"""The benchmark scripts still run (tiny sizes): their numbers are recorded in docs/performance.md."""
+
+import importlib.util
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_data_reports_every_configuration(tmp_path):
+    rows = _load("bench_data").main(
+        ["--resolution", "64", "--source-size", "96", "72", "--samples", "48", "--per-shard", "12",
+         "--batch-size", "4", "--workers", "0", "--dir", str(tmp_path)]
+    )  # fmt: skip
+    assert [(r["hints"], r["workers"]) for r in rows] == [("precomputed", 0), ("on-the-fly canny", 0)]
+    assert all(r["samples_per_s"] > 0 and r["workers_for_target"] >= 1 for r in rows)
