@@ -173,7 +173,7 @@ def test_bad_inputs_are_converted_or_skipped_never_crash(tmp_path):
     for path in root.iterdir():
         path.with_suffix(".txt").write_bytes("caf\xe9".encode("latin-1") if path.stem == "latin1" else b"ok")
     save(root / "nocaption.jpg", picture(4))
-    summary = run_prep(prep_cfg(f"source.root={root}", f"out_dir={tmp_path / 'out'}", "shard_size=3"))
+    summary = run_prep(prep_cfg(f"source.root={root}", f"out_dir={tmp_path / 'out'}", "shard_size=3", "workers=2"))
     assert summary["skipped"] == {"corrupt_image": 2, "empty_image": 1, "caption_not_utf8": 1, "missing_caption": 1}
     assert summary["converted"] == {"CMYK->RGB": 1, "I;16->RGB": 1, "RGBA->RGB": 1, "L->RGB": 1}
     samples = {json.loads(s["json"])["relpath"]: s for s in read_out(tmp_path / "out").values()}
@@ -246,7 +246,7 @@ def test_precompute_hints_beside_a_folder(tmp_path):
     root = tmp_path / "datasets" / "mine"
     for i in range(3):
         save(root / ("a" if i else "") / f"{i}.jpg", picture(i))
-    summary = run_prep(prep_cfg("mode=precompute", f"source.root={root}"))
+    summary = run_prep(prep_cfg("mode=precompute", f"source.root={root}", "workers=2"))
     hints = sorted(p.relative_to(root) for p in (root / "canny").rglob("*.png"))
     assert [str(h) for h in hints] == ["canny/0_canny.png", "canny/a/1_canny.png", "canny/a/2_canny.png"]
     assert summary["written"] == 3 and summary["num_hints"] == 3

@@ -397,3 +397,20 @@ def test_training_on_an_image_folder_with_augmentation(train_cfg, tmp_path):
     assert trainer.global_step == 3 and module.data_position == (1, 0)  # 2 batches an epoch
     with pytest.raises(ConfigError, match="exactly one of data.shards, data.datasets, data.folder"):
         validate_train_config(compose_train([f"data.datasets=[{{shards: {root}}}]"]))
+
+
+def test_a_run_over_planted_bad_data_finishes_and_reports_counts(train_cfg, shapes_dir, tmp_path, caplog):
+    import webdataset as wds
+
+    bad = tmp_path / "bad.tar"
+    members = dict(next(iter(wds.WebDataset(str(shapes_dir / "val" / "shapes-000000.tar"), shardshuffle=False))))
+    with wds.TarWriter(str(bad)) as sink:
+        sink.write({"__key__": "nohint", "jpg": members["jpg"], "txt": "x"})
+        sink.write({"__key__": "badjpg", "jpg": b"not a jpeg", "png": members["png"], "txt": "x"})
+    shards = sorted(str(p) for p in (shapes_dir / "train").glob("*.tar")) + [str(bad)]
+    cfg = train_cfg(f"data.shards=[{','.join(shards)}]", "trainer.max_steps=18", "validation.num_samples=0",
+                    "checkpoint.every_n_steps=0")  # fmt: skip
+    with caplog.at_level("INFO", logger="nemo_controlnet"):
+        trainer, _ = train(cfg)
+    assert trainer.global_step == 18  # past the end of epoch 0 (16 batches of 4)
+    assert "data epoch 0 done: 16 batches, 2 bad samples skipped {'missing_hint': 1, 'corrupt_image': 1}" in caplog.text
