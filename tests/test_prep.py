@@ -106,12 +106,14 @@ def test_metadata_jsonl_with_given_hints_and_custom_columns(tmp_path):
         save(root / "images" / f"{i}.png", picture(i))
         save(root / "cond" / f"{i}.png", 255 - picture(i))
         rows.append({"file": f"images/{i}.png", "hint_file": f"cond/{i}.png", "prompt": f"p{i}"})
-    (root / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    run_prep(prep_cfg(
+    lines = [json.dumps(r) for r in rows] + ["{not json", json.dumps({"prompt": "no image column"})]
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    summary = run_prep(prep_cfg(
         "source=metadata_jsonl", f"source.root={root}", "source.image_column=file",
         "source.conditioning_column=hint_file", "source.caption_column=prompt", "hint=given",
         f"out_dir={tmp_path / 'out'}", "image_key=target.png",
     ))  # fmt: skip
+    assert summary["skipped"] == {"bad_metadata": 2}  # counted, not fatal
     samples = read_out(tmp_path / "out")
     assert len(samples) == 3
     for i, s in enumerate(sorted(samples.values(), key=lambda s: s["__key__"])):

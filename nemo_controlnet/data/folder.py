@@ -3,16 +3,13 @@ mode=precompute``) or computed on the fly, after augmentation, where one is miss
 
 from __future__ import annotations
 
-import itertools
 import logging
-import random
 from pathlib import Path
 from typing import Iterator
 
-from webdataset.utils import pytorch_worker_info
-
 from nemo_controlnet.data.prep import precomputed_hint_path
 from nemo_controlnet.data.sources import ImageFolder
+from nemo_controlnet.data.webdataset import assigned
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +38,7 @@ class FolderSource:
                  len(self.items) - len(missing), self.hints_dir)  # fmt: skip
 
     def samples(self, rng_seed: str, epoch_seed: str, resampled: bool, handler) -> Iterator[dict]:
-        rank, world, worker, workers = pytorch_worker_info()
-        if resampled:
-            rng = random.Random(rng_seed)
-            items = (rng.choice(self.items) for _ in itertools.count())
-        else:
-            order = list(self.items)
-            random.Random(epoch_seed).shuffle(order)
-            items = iter(order[rank::world][worker::workers])
-        for image, hint in items:
+        for image, hint in assigned(self.items, rng_seed, epoch_seed, resampled):
             key = str(image.relative_to(self.root).with_suffix(""))
             sample = {
                 "__key__": key,

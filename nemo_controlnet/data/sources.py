@@ -72,6 +72,9 @@ class RecordSource:
 
     def read(self, unit: list[Record]) -> Iterator[RawSample | BadSample]:
         for r in unit:
+            if "error" in r.extra:
+                yield _bad("bad_metadata", r.key, r.extra["error"])
+                continue
             caption = r.caption if r.caption is not None else _read_bytes(r.caption_path)
             sample = RawSample(r.key, r.image, _read_bytes(r.image), caption=caption, extra=dict(r.extra))
             if r.conditioning is not None:
@@ -133,7 +136,8 @@ class ImageFolder(RecordSource):
 
 class MetadataJsonl(RecordSource):
     """A diffusers-style folder: ``metadata.jsonl`` lines naming the image, the conditioning image
-    and the text (column names configurable), paths relative to the folder."""
+    and the text (column names configurable), paths relative to the folder. A line that is not
+    JSON or lacks the image column becomes a counted skip (``bad_metadata``)."""
 
     def __init__(
         self,
@@ -146,31 +150,30 @@ class MetadataJsonl(RecordSource):
         self.root = Path(root)
         self.metadata = self.root / metadata
         if not self.metadata.is_file():
-            raise FileNotFoundError(f"source.metadata: no file {self.metadata}")
-        self.image_column, self.conditioning_column, self.caption_column = (
-            image_column,
-            conditioning_column,
-            caption_column,
-        )
+            raise FileNotFoundError(f"source: no metadata file {self.metadata}")
+        self.image_column, self.conditioning_column = image_column, conditioning_column
+        self.caption_column = caption_column
 
     def __repr__(self) -> str:
-        return f"MetadataJsonl({self.metadata})"
+        return f"{type(self).__name__}({self.metadata})"
 
     def records(self) -> list[Record]:
         out = []
-        with open(self.metadata, encoding="utf-8") as f:
+        with open(self.metadata, encoding="utf-8", errors="replace") as f:
             for n, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
+                key = f"{len(out):09d}"
                 try:
                     row = json.loads(line)
                     image = row[self.image_column]
-                except (json.JSONDecodeError, KeyError) as e:
-                    raise ValueError(f"{self.metadata}:{n}: no '{self.image_column}' column ({e})") from e
+                except (json.JSONDecodeError, KeyError, TypeError) as e:
+                    out.append(Record(key, "", extra={"error": f"{self.metadata}:{n}: {type(e).__name__}: {e}"}))
+                    continue
                 conditioning = row.get(self.conditioning_column) if self.conditioning_column else None
                 out.append(
                     Record(
-                        key=f"{len(out):09d}",
+                        key=key,
                         image=str(self.root / image),
                         conditioning=str(self.root / conditioning) if conditioning else None,
                         caption=row.get(self.caption_column),
@@ -180,40 +183,14 @@ class MetadataJsonl(RecordSource):
         return out
 
 
-class ControlNetPromptJson(RecordSource):
+class ControlNetPromptJson(MetadataJsonl):
     """The original ControlNet layout: ``prompt.json`` lines ``{"source", "target", "prompt"}`` with
     paths relative to ``root`` (``source/`` holds the hints, ``target/`` the images)."""
 
     def __init__(self, root: str, prompt_file: str = "prompt.json"):
-        self.root = Path(root)
-        self.prompt_file = self.root / prompt_file
-        if not self.prompt_file.is_file():
-            raise FileNotFoundError(f"source.prompt_file: no file {self.prompt_file}")
-
-    def __repr__(self) -> str:
-        return f"ControlNetPromptJson({self.prompt_file})"
-
-    def records(self) -> list[Record]:
-        out = []
-        with open(self.prompt_file, encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    target, source = row["target"], row["source"]
-                except (json.JSONDecodeError, KeyError) as e:
-                    raise ValueError(f"{self.prompt_file}:{n}: need 'source' and 'target' ({e})") from e
-                out.append(
-                    Record(
-                        key=f"{len(out):09d}",
-                        image=str(self.root / target),
-                        conditioning=str(self.root / source),
-                        caption=row.get("prompt"),
-                        extra={"line": n},
-                    )
-                )
-        return out
+        super().__init__(
+            root, prompt_file, image_column="target", conditioning_column="source", caption_column="prompt"
+        )
 
 
 class ExistingShards:

@@ -150,21 +150,31 @@ def collate(samples: list[dict]) -> dict:
     }
 
 
+def assigned(items: list, rng_seed: str, epoch_seed: str, resampled: bool) -> Iterator:
+    """This rank's and worker's share of ``items`` for an epoch.
+
+    Finite: the list shuffled with ``epoch_seed`` (the same order on every rank), then every
+    world-th item from this rank, every workers-th of those for this worker: disjoint shares that
+    cover the list. Resampled: items drawn with replacement forever from ``rng_seed`` (per rank
+    and worker).
+    """
+    rank, world, worker, workers = pytorch_worker_info()
+    if resampled:
+        rng = random.Random(rng_seed)
+        return (rng.choice(items) for _ in itertools.count())
+    order = list(items)
+    random.Random(epoch_seed).shuffle(order)
+    return iter(order[rank::world][worker::workers])
+
+
 class ShardSource:
-    """Tar shards: split by rank and worker, or (resampled) drawn with replacement forever."""
+    """Tar shards, shared out by ``assigned``."""
 
     def __init__(self, urls: list[str]):
         self.urls = list(urls)
 
     def samples(self, rng_seed: str, epoch_seed: str, resampled: bool, handler) -> Iterator[dict]:
-        rank, world, worker, workers = pytorch_worker_info()
-        if resampled:
-            rng = random.Random(rng_seed)
-            shards = ({"url": rng.choice(self.urls)} for _ in itertools.count())
-        else:
-            order = list(self.urls)
-            random.Random(epoch_seed).shuffle(order)  # the same order on every rank, before splitting
-            shards = ({"url": u} for u in order[rank::world][worker::workers])
+        shards = ({"url": u} for u in assigned(self.urls, rng_seed, epoch_seed, resampled))
         return wds.tarfile_samples(shards, handler=handler)
 
 
@@ -215,6 +225,10 @@ class SampleStream(torch.utils.data.IterableDataset):
             samples = islice(samples, self.samples_per_epoch // (world * workers))
         if self.shuffle_buffer > 0:
             samples = _shuffle(samples, self.shuffle_buffer, min(self.shuffle_buffer, 100), random.Random(tag))
+
+        def stats() -> dict:  # this worker's running count of bad samples, for the main process
+            return {STATS: {"worker": (rank, worker), "skipped": dict(counter.counts)}}
+
         batch: list[dict] = []
         for raw in samples:
             try:
@@ -223,11 +237,11 @@ class SampleStream(torch.utils.data.IterableDataset):
                 counter(e)
                 continue
             if len(batch) == self.batch_size:
-                yield {**collate(batch), STATS: {"worker": (rank, worker), "skipped": dict(counter.counts)}}
+                yield {**collate(batch), **stats()}
                 batch = []
         if batch and not self.drop_last:
-            yield {**collate(batch), STATS: {"worker": (rank, worker), "skipped": dict(counter.counts)}}
-        yield {STATS: {"worker": (rank, worker), "skipped": dict(counter.counts)}}  # this worker's final count
+            yield {**collate(batch), **stats()}
+        yield stats()  # the final count, after the last (possibly dropped) batch
 
 
 def epoch_pipeline(
