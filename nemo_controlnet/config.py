@@ -138,4 +138,17 @@ def validate_train_config(cfg: DictConfig) -> None:
     c.check("validation.every_n_steps", _nonneg_int, "an integer >= 0 (0: only at the end)")
     c.check("validation.num_samples", _nonneg_int, "an integer >= 0")
     c.check("logger", lambda v: v in {"tensorboard", "csv", "none"}, "tensorboard, csv or none")
+    c.check("export.dtype", lambda v: v in ("fp16", "bf16", "fp32"), "fp16, bf16 or fp32", required=False)
+    hint_encoder = OmegaConf.select(cfg, "model.control_stage_config.conditioning_embedding_out_channels")
+    pretrained = OmegaConf.select(cfg, "model.control_stage_config.pretrained")
+    if (
+        OmegaConf.select(cfg, "export.original")
+        and not pretrained
+        and hint_encoder is not None
+        and len(hint_encoder) != 4
+    ):
+        c.errors.append(
+            f"model.control_stage_config.conditioning_embedding_out_channels={list(hint_encoder)}: the original "
+            "single-file format (export.original=true) needs 4 entries; set export.original=false or use 4"
+        )
     c.raise_if_any("training")

@@ -8,6 +8,7 @@ from hydra.utils import instantiate
 from nemo_controlnet.config import ConfigError
 
 from nemo_controlnet.models.controlnet import build_controlnet, controlled_unet_forward, set_only_mid_control
+from nemo_controlnet.models.formats import export_original_controlnet
 from nemo_controlnet.models.stack import build_stack, byte_level_clip_tokenizer, fingerprint
 from tests.conftest import compose_train
 
@@ -123,6 +124,23 @@ def test_pretrained_controlnet_loads_and_mismatch_names_both_values(parts, tmp_p
         build_controlnet(stack.unet, 1, pretrained=str(tmp_path / "cn"))
     with pytest.raises(FileNotFoundError, match="nowhere"):
         build_controlnet(stack.unet, 3, pretrained=str(tmp_path / "nowhere"))
+
+
+def test_pretrained_original_format_controlnet_continues_training(parts, tmp_path):
+    _, stack, _ = parts
+    source = build_controlnet(stack.unet, 3)
+    _perturb_zero_convs(source)
+    path = export_original_controlnet(source, tmp_path / "control_x.safetensors", dtype="fp32")
+    loaded = build_controlnet(stack.unet, 3, pretrained=str(path), conditioning_embedding_out_channels=(8, 8, 8, 8))
+    assert list(loaded.config.conditioning_embedding_out_channels) == [16, 32, 96, 256]  # the file's, not the config's
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    gray = build_controlnet(stack.unet, 1, conditioning_embedding_out_channels=(8, 16, 16, 32))
+    export_original_controlnet(gray, tmp_path / "control_gray.safetensors")
+    with pytest.raises(
+        ValueError, match=r"control_gray.safetensors: ControlNet conditioning_channels=1 .*hint_channels=3"
+    ):
+        build_controlnet(stack.unet, 3, pretrained=str(tmp_path / "control_gray.safetensors"))
 
 
 def test_pretrained_controlnet_for_another_base_is_refused(tmp_path):

@@ -21,6 +21,7 @@ from nemo_controlnet.config import ConfigError, validate_train_config
 from nemo_controlnet.data.datamodule import validation_samples
 from nemo_controlnet.inference.generate import generate
 from nemo_controlnet.inference.pipeline import controlnet_pipeline
+from nemo_controlnet.models.formats import load_original_controlnet
 from nemo_controlnet.models.stack import build_stack
 from nemo_controlnet.training.checkpoint import latest_checkpoint, list_checkpoints
 from nemo_controlnet.training.module import ControlNetModule
@@ -55,6 +56,12 @@ def test_end_to_end_train_resume_export_generate(train_cfg, shapes_dir, tmp_path
     exported = ControlNetModel.from_pretrained(run / "controlnet")
     for key, value in module2.controlnet.state_dict().items():
         assert torch.equal(exported.state_dict()[key], value), key
+    card = (run / "controlnet" / "README.md").read_text()
+    assert "| steps | 6 |" in card and "![validation](validation.png)" in card
+    assert (run / "controlnet" / "validation.png").read_bytes() == (run / "samples" / "step_0000006.png").read_bytes()
+    original = load_original_controlnet(run / f"control_{run.name}.safetensors", dict(exported.config))  # fp16
+    for key, value in module2.controlnet.state_dict().items():
+        torch.testing.assert_close(original.state_dict()[key], value, atol=1e-3, rtol=1e-3)
 
     hint_path = tmp_path / "hint.png"
     Image.fromarray((validation_samples(cfg.validation, cfg.data, 3)[1][0] * 255).byte().permute(1, 2, 0).numpy()).save(

@@ -10,7 +10,7 @@ from nemo_controlnet.cli import CONFIG_PATH, VERSION_BASE
 def main(cfg: DictConfig) -> None:
     from nemo_controlnet.training.run import export_checkpoint
 
-    export_checkpoint(cfg.run_dir, cfg.checkpoint)
+    export_checkpoint(cfg.run_dir, cfg.checkpoint, original=cfg.original, dtype=cfg.dtype)
 
 
 if __name__ == "__main__":

@@ -90,9 +90,10 @@ def generate(cfg: DictConfig) -> list[Path]:
             f"(fingerprint {expected}); set use_recorded_base=false and point model= at that base"
         )
     unet = UNet2DConditionModel.from_pretrained(unet_dir, local_files_only=True) if unet_dir else stack.unet
+    controlnet_config = dict(ControlNetModel.load_config(controlnet_dir))
+    hint_channels = int(meta.get("hint", {}).get("channels", controlnet_config["conditioning_channels"]))
+    check_compatible(controlnet_config, unet, hint_channels, controlnet_dir)  # before reading the weights
     controlnet = ControlNetModel.from_pretrained(controlnet_dir, local_files_only=True)
-    hint_channels = int(meta.get("hint", {}).get("channels", controlnet.config.conditioning_channels))
-    check_compatible(controlnet, unet, hint_channels)
     set_only_mid_control(controlnet, bool(meta.get("only_mid_control", False)))
     for module in (unet, stack.vae, stack.text_encoder, controlnet):
         freeze(module, dtype).to(device)

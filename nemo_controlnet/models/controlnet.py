@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 
+from nemo_controlnet.models.formats import load_original_controlnet, original_controlnet_shapes
+
 log = logging.getLogger(__name__)
 
 
@@ -18,13 +20,27 @@ def build_controlnet(
     conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 96, 256),
 ) -> ControlNetModel:
     """A ControlNet over ``unet``: its encoder and middle copied, zero convolutions zero; or a
-    pretrained one from a local diffusers directory, checked against the base before use."""
+    pretrained one, from a local diffusers directory or an original-format single file
+    (``control_*.safetensors`` / ``.pth`` with ``control_model.*`` keys), checked against the base
+    before its weights are read."""
     if pretrained:
         path = Path(pretrained)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"control_stage_config.pretrained: no diffusers ControlNet at {path}")
-        controlnet = ControlNetModel.from_pretrained(path, local_files_only=True)
-        check_compatible(controlnet, unet, hint_channels)
+        if path.is_file():
+            shapes = original_controlnet_shapes(path)
+            check_compatible(facts_from_original(shapes), unet, hint_channels, path)
+            widths = [shapes[f"hint_width_{i}"] for i in range(4) if f"hint_width_{i}" in shapes]
+            config = controlnet_config(
+                unet, hint_channels, widths if len(widths) == 4 else conditioning_embedding_out_channels
+            )
+            controlnet = load_original_controlnet(path, config)
+        elif (path / "config.json").is_file():
+            check_compatible(dict(ControlNetModel.load_config(path)), unet, hint_channels, path)
+            controlnet = ControlNetModel.from_pretrained(path, local_files_only=True)
+        else:
+            raise FileNotFoundError(
+                f"control_stage_config.pretrained: {path} is neither a diffusers ControlNet directory "
+                "nor an original-format ControlNet file"
+            )
         log.info("loaded ControlNet from %s", path)
     else:
         controlnet = ControlNetModel.from_unet(
@@ -38,21 +54,46 @@ def build_controlnet(
     return controlnet
 
 
-def check_compatible(controlnet: ControlNetModel, unet: UNet2DConditionModel, hint_channels: int) -> None:
-    """Fail with both values named when a ControlNet cannot drive this base."""
-    pairs = {
-        "in_channels": (controlnet.config.in_channels, unet.config.in_channels),
-        "cross_attention_dim": (controlnet.config.cross_attention_dim, unet.config.cross_attention_dim),
-        "block_out_channels": (tuple(controlnet.config.block_out_channels), tuple(unet.config.block_out_channels)),
-    }
-    for key, (c, u) in pairs.items():
-        if c != u:
-            raise ValueError(f"ControlNet {key}={c} does not match the base UNet {key}={u}")
-    if controlnet.config.conditioning_channels != hint_channels:
-        raise ValueError(
-            f"ControlNet conditioning_channels={controlnet.config.conditioning_channels} "
-            f"does not match model.hint_channels={hint_channels}"
+def controlnet_config(unet: UNet2DConditionModel, hint_channels: int, conditioning_embedding_out_channels) -> dict:
+    """The config of a ControlNet for ``unet`` (built on the meta device: no memory, no init)."""
+    with torch.device("meta"):
+        model = ControlNetModel.from_unet(
+            unet,
+            conditioning_embedding_out_channels=tuple(conditioning_embedding_out_channels),
+            conditioning_channels=hint_channels,
+            load_weights_from_unet=False,
         )
+    return dict(model.config)
+
+
+def facts_from_original(shapes: dict) -> dict:
+    """Original-format tensor shapes in the names of a diffusers ControlNet config."""
+    facts = {"in_channels": shapes.get("in_channels"), "conditioning_channels": shapes.get("hint_channels"),
+             "cross_attention_dim": shapes.get("cross_attention_dim")}  # fmt: skip
+    if "model_channels" in shapes:
+        facts["block_out_channels"] = [shapes["model_channels"]]
+    return {k: v for k, v in facts.items() if v is not None}
+
+
+def check_compatible(controlnet_config: dict, unet: UNet2DConditionModel, hint_channels: int, source="ControlNet"):
+    """Fail with both values named when a ControlNet (its config, or facts read from a file) cannot
+    drive this base. Only the keys present are compared."""
+    base = {
+        "in_channels": unet.config.in_channels,
+        "cross_attention_dim": unet.config.cross_attention_dim,
+        "block_out_channels": list(unet.config.block_out_channels),
+        "conditioning_channels": hint_channels,
+    }
+    for key, expected in base.items():
+        if key not in controlnet_config:
+            continue
+        got = controlnet_config[key]
+        got = list(got) if isinstance(got, (list, tuple)) else got
+        if key == "block_out_channels" and len(got) == 1:
+            expected = expected[:1]  # a file tells only the first block's width
+        if got != expected:
+            what = "model.hint_channels" if key == "conditioning_channels" else f"the base UNet {key}"
+            raise ValueError(f"{source}: ControlNet {key}={got} does not match {what}={expected}")
 
 
 def _zero_down_residuals(module, args, output):

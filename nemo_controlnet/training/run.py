@@ -19,7 +19,7 @@ from nemo_controlnet.config import validate_train_config
 from nemo_controlnet.data.datamodule import ShardDataModule, validation_samples
 from nemo_controlnet.data.synthetic import write_shapes_dataset
 from nemo_controlnet.io import atomic_path
-from nemo_controlnet.models.formats import export_controlnet
+from nemo_controlnet.models.formats import export_controlnet, export_original_controlnet
 from nemo_controlnet.training.callbacks import StepCheckpoint, ValidationImages
 from nemo_controlnet.training.checkpoint import AtomicCheckpointIO, latest_checkpoint, list_checkpoints
 from nemo_controlnet.training.module import ControlNetModule
@@ -88,8 +88,22 @@ def export_metadata(cfg: DictConfig, module: ControlNetModule, step: int) -> dic
 
 
 def export_run(cfg: DictConfig, module: ControlNetModule, run_dir: Path, step: int) -> Path:
+    """run_dir/controlnet (diffusers, with model card and the newest validation grid) and, with
+    ``export.original``, run_dir/control_<run name>.safetensors for A1111 and ComfyUI."""
     unet = None if module.sd_locked else module.unet
-    return export_controlnet(module.controlnet, run_dir / "controlnet", export_metadata(cfg, module, step), unet=unet)
+    grids = sorted((run_dir / "samples").glob("step_*.png"))
+    out = export_controlnet(
+        module.controlnet, run_dir / "controlnet", export_metadata(cfg, module, step), unet=unet,
+        grid=grids[-1] if grids else None,
+    )  # fmt: skip
+    if cfg.export.get("original"):
+        try:
+            export_original_controlnet(
+                module.controlnet, run_dir / f"control_{run_dir.resolve().name}.safetensors", cfg.export.dtype
+            )
+        except ValueError as e:  # the diffusers export above is written; do not fail the run here
+            log.error("original-format export skipped: %s", e)
+    return out
 
 
 def train(cfg: DictConfig) -> tuple[L.Trainer, ControlNetModule]:
@@ -169,10 +183,13 @@ def load_run_config(run_dir: str | Path) -> DictConfig:
     return OmegaConf.load(path)
 
 
-def export_checkpoint(run_dir: str | Path, checkpoint: str | Path | None = None) -> Path:
+def export_checkpoint(
+    run_dir: str | Path, checkpoint: str | Path | None = None, original: bool = True, dtype: str = "fp16"
+) -> Path:
     """Re-export a run's ControlNet from a checkpoint (default: the newest complete one)."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
+    cfg.export.original, cfg.export.dtype = original, dtype
     path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir / "checkpoints")
     if path is None or not path.is_file():
         raise FileNotFoundError(f"no checkpoint to export in {run_dir / 'checkpoints'}")
