@@ -21,6 +21,8 @@ from nemo_controlnet.config import ConfigError, validate_train_config
 from nemo_controlnet.data.datamodule import validation_samples
 from nemo_controlnet.inference.generate import generate
 from nemo_controlnet.inference.pipeline import controlnet_pipeline
+from nemo_controlnet.data.transforms import normalize_batch
+from nemo_controlnet.models.controlnet import controlled_unet_forward
 from nemo_controlnet.models.formats import load_original_controlnet
 from nemo_controlnet.models.stack import build_stack
 from nemo_controlnet.training.checkpoint import latest_checkpoint, list_checkpoints
@@ -354,7 +356,7 @@ def test_v_prediction_loss_uses_the_velocity_target():
     torch.manual_seed(3)
     with torch.no_grad():
         latents = module.vae.encode(batch["image"]).latent_dist.sample() * module.vae.config.scaling_factor
-        ehs = module.encode_prompts(batch["caption"])
+        ehs, _ = module.encode_prompts(batch["caption"])
         noise = torch.randn_like(latents)
         t = torch.randint(0, 1000, (2,))
         noisy = module.noise_scheduler.add_noise(latents, noise, t)
@@ -421,3 +423,48 @@ def test_a_run_over_planted_bad_data_finishes_and_reports_counts(train_cfg, shap
         trainer, _ = train(cfg)
     assert trainer.global_step == 18  # past the end of epoch 0 (16 batches of 4)
     assert "data epoch 0 done: 16 batches, 2 bad samples skipped {'missing_hint': 1, 'corrupt_image': 1}" in caplog.text
+
+
+def test_sdxl_micro_conditioning_reaches_both_networks(train_cfg):
+    cfg = train_cfg("model=tiny_sdxl", "data.augment.crop=random")
+    module = ControlNetModule(cfg.model, cfg.optim)
+    with torch.no_grad():
+        for p in module.controlnet.controlnet_down_blocks.parameters():
+            p.normal_(0, 0.1)
+    from nemo_controlnet.data.datamodule import make_decoder
+    from nemo_controlnet.data.webdataset import SampleStream, ShardSource, batches, expand_shards
+
+    decoder = make_decoder(cfg.data, 3, seed=1)
+    stream = SampleStream([(ShardSource(expand_shards(cfg.data.shards)), 1.0)], decoder, 2, 0, shuffle_buffer=0)
+    batch = normalize_batch(next(iter(batches(stream))))
+    assert batch["original_size"].tolist() == [[64, 64], [64, 64]]  # the shapes data is 64 px: no crop room
+    ehs, pooled = module.encode_prompts(batch["caption"])
+    assert ehs.shape == (2, 77, 64) and pooled.shape == (2, 32)
+    added = module.micro_conditioning(batch, pooled)
+    assert added["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]] * 2
+    latents = torch.randn(2, 4, 8, 8)
+    t = torch.tensor([10, 900])
+
+    def predict(time_ids):
+        kwargs = {"text_embeds": pooled, "time_ids": time_ids}
+        with torch.no_grad():
+            return controlled_unet_forward(module.unet, module.controlnet, latents, t, ehs, batch["hint"], 1.0, kwargs)
+
+    other = added["time_ids"].clone()
+    other[:, 2:4] = 16.0  # another crop corner
+    assert (predict(added["time_ids"]) - predict(other)).abs().max() > 1e-4
+
+
+def test_sdxl_trains_validates_exports_and_generates(train_cfg, tmp_path):
+    cfg = train_cfg("model=tiny_sdxl", "trainer.max_steps=2", "validation.num_samples=1")
+    trainer, module = train(cfg)
+    run = Path(cfg.run_dir)
+    assert trainer.global_step == 2 and module.text_encoder_2 is not None
+    assert Image.open(run / "samples" / "step_0000002.png").size == (128, 64)  # SDXL pipeline sampled it
+    exported = ControlNetModel.from_pretrained(run / "controlnet")
+    assert exported.config.addition_embed_type == "text_time"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "h.png")
+    with initialize_config_module(config_module="nemo_controlnet.conf", version_base="1.3"):
+        overrides = [f"controlnet={run}", "device=cpu", f"hints=[{tmp_path / 'h.png'}]", "num_inference_steps=2"]
+        gen = compose(config_name="generate", overrides=[*overrides, f"out_dir={tmp_path / 'g'}"])
+    assert [p.name for p in generate(gen)] == ["00000.png"]

@@ -126,6 +126,7 @@ class SampleDecoder:
             if hint is not None and hint.size != image.size:
                 raise BadSample("size_mismatch", f"image {image.size} vs hint {hint.size}")
             # Geometry from the full size, before any reduced decoding: image and hint share it.
+            original_size = (image.height, image.width)
             geometry = ResizeCrop.draw(*image.size, self.resolution, self.crop, self.hflip, rng)
             image, _ = load_image(image, "image", draft_size=geometry.resized)
             hint = load_image(hint, "hint", gray_ok=True)[0] if hint is not None else None
@@ -139,6 +140,9 @@ class SampleDecoder:
             self.control_key: to_uint8_chw(hint, self.hint_channels),
             "caption": caption,
             "key": key,
+            # SDXL micro-conditioning: the size before resizing, the crop's corner after it
+            "original_size": torch.tensor(original_size),
+            "crop_top_left": torch.tensor((geometry.box[1], geometry.box[0])),
         }
 
 

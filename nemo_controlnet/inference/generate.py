@@ -84,7 +84,7 @@ def generate(cfg: DictConfig) -> list[Path]:
 
     stack = build_stack(model_cfg)
     expected = meta.get("base_fingerprint")
-    if expected and fingerprint(stack.unet, stack.vae, stack.text_encoder) != expected:
+    if expected and fingerprint(stack.unet, stack.vae, *stack.text_encoders()) != expected:
         raise RuntimeError(
             f"the base model built here differs from the one {controlnet_dir} was trained over "
             f"(fingerprint {expected}); set use_recorded_base=false and point model= at that base"
@@ -95,7 +95,7 @@ def generate(cfg: DictConfig) -> list[Path]:
     check_compatible(controlnet_config, unet, hint_channels, controlnet_dir)  # before reading the weights
     controlnet = ControlNetModel.from_pretrained(controlnet_dir, local_files_only=True)
     set_only_mid_control(controlnet, bool(meta.get("only_mid_control", False)))
-    for module in (unet, stack.vae, stack.text_encoder, controlnet):
+    for module in (unet, stack.vae, *stack.text_encoders(), controlnet):
         freeze(module, dtype).to(device)
     log.info("models on %s in %s", device, dtype)
 
@@ -103,7 +103,15 @@ def generate(cfg: DictConfig) -> list[Path]:
     hints = load_hints(cfg, resolution, hint_channels)
     prompts = broadcast_prompts(cfg.prompts, len(hints))
     pipe = controlnet_pipeline(
-        unet, controlnet, stack.vae, stack.text_encoder, stack.tokenizer, stack.noise_scheduler.config, cfg.sampler
+        unet,
+        controlnet,
+        stack.vae,
+        stack.text_encoder,
+        stack.tokenizer,
+        stack.noise_scheduler.config,
+        cfg.sampler,
+        stack.text_encoder_2,
+        stack.tokenizer_2,
     )
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -6,25 +6,33 @@ import contextlib
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline, UniPCMultistepScheduler
+from diffusers import (
+    DDIMScheduler,
+    StableDiffusionControlNetPipeline,
+    StableDiffusionXLControlNetPipeline,
+    UniPCMultistepScheduler,
+)
 
 SAMPLERS = {"unipc": UniPCMultistepScheduler, "ddim": DDIMScheduler}
 
 
-def controlnet_pipeline(unet, controlnet, vae, text_encoder, tokenizer, scheduler_config, sampler: str = "unipc"):
+def controlnet_pipeline(
+    unet, controlnet, vae, text_encoder, tokenizer, scheduler_config, sampler: str = "unipc",
+    text_encoder_2=None, tokenizer_2=None,
+):  # fmt: skip
+    """diffusers' ControlNet pipeline over these modules: the SDXL one when there is a second text encoder."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r}: choose one of {sorted(SAMPLERS)}")
-    pipe = StableDiffusionControlNetPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        controlnet=controlnet,
-        scheduler=SAMPLERS[sampler].from_config(scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    common = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, controlnet=controlnet,
+                  scheduler=SAMPLERS[sampler].from_config(scheduler_config))  # fmt: skip
+    if text_encoder_2 is not None:
+        pipe = StableDiffusionXLControlNetPipeline(
+            **common, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, add_watermarker=False
+        )
+    else:
+        pipe = StableDiffusionControlNetPipeline(
+            **common, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

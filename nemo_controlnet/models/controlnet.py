@@ -127,14 +127,19 @@ def controlled_unet_forward(
     encoder_hidden_states: torch.Tensor,
     hint: torch.Tensor,
     control_scale: float = 1.0,
+    added_cond_kwargs: dict | None = None,
 ) -> torch.Tensor:
-    """The UNet's prediction with the ControlNet's residuals added at the skips and the middle."""
+    """The UNet's prediction with the ControlNet's residuals added at the skips and the middle.
+
+    ``added_cond_kwargs``: SDXL's pooled text embedding and micro-conditioning time ids, given to
+    both networks."""
     down, mid = controlnet(
         noisy_latents,
         timesteps,
         encoder_hidden_states=encoder_hidden_states,
         controlnet_cond=hint,
         conditioning_scale=control_scale,
+        added_cond_kwargs=added_cond_kwargs,
         return_dict=False,
     )
     dtype = next(unet.parameters()).dtype
@@ -144,6 +149,7 @@ def controlled_unet_forward(
         encoder_hidden_states=encoder_hidden_states.to(dtype),
         down_block_additional_residuals=[d.to(dtype) for d in down],
         mid_block_additional_residual=mid.to(dtype),
+        added_cond_kwargs=added_cond_kwargs,
         return_dict=False,
     )[0]
 

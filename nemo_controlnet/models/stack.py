@@ -43,9 +43,11 @@ class LockedStack:
     text_encoder: torch.nn.Module
     tokenizer: CLIPTokenizer
     noise_scheduler: object
+    text_encoder_2: torch.nn.Module | None = None  # SDXL's second (projected) text encoder
+    tokenizer_2: CLIPTokenizer | None = None
 
-    def frozen_modules(self) -> dict[str, torch.nn.Module]:
-        return {"vae": self.vae, "text_encoder": self.text_encoder}
+    def text_encoders(self) -> list[torch.nn.Module]:
+        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
 
 
 def _instantiate_seeded(node: DictConfig, seed: int, name: str):
@@ -65,12 +67,15 @@ def build_stack(model_cfg: DictConfig) -> LockedStack:
     noise_scheduler = instantiate(model_cfg.scheduler_config)
     if model_cfg.get("prediction_type"):
         noise_scheduler.register_to_config(prediction_type=model_cfg.prediction_type)
+    second = cond.get("text_encoder_2")
     return LockedStack(
         unet=_instantiate_seeded(model_cfg.unet_config, seed, "unet"),
         vae=_instantiate_seeded(model_cfg.first_stage_config, seed + 1, "vae"),
         text_encoder=_instantiate_seeded(cond.text_encoder, seed + 2, "text_encoder"),
         tokenizer=instantiate(cond.tokenizer),
         noise_scheduler=noise_scheduler,
+        text_encoder_2=_instantiate_seeded(second, seed + 3, "text_encoder_2") if second else None,
+        tokenizer_2=instantiate(cond.tokenizer_2) if second else None,
     )
 
 

@@ -114,6 +114,8 @@ class ValidationImages(_EveryNOptimizerSteps):
                     pl_module.tokenizer,
                     pl_module.noise_scheduler.config,
                     self.sampler,
+                    pl_module.text_encoder_2,
+                    pl_module.tokenizer_2,
                 )
                 images = sample(
                     pipe,

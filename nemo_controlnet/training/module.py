@@ -33,15 +33,16 @@ class ControlNetModule(L.LightningModule):
         stack = build_stack(model_cfg)
         self.unet, self.vae, self.text_encoder = stack.unet, stack.vae, stack.text_encoder
         self.tokenizer, self.noise_scheduler = stack.tokenizer, stack.noise_scheduler
+        self.text_encoder_2, self.tokenizer_2 = stack.text_encoder_2, stack.tokenizer_2
         self.prediction_type = self.noise_scheduler.config.prediction_type
         # Identity of the base as built from config, before any of it trains.
-        self.base_fingerprint = fingerprint(self.unet, self.vae, self.text_encoder)
+        self.base_fingerprint = fingerprint(self.unet, self.vae, *stack.text_encoders())
         self.controlnet = instantiate(
             model_cfg.control_stage_config, unet=self.unet, hint_channels=int(model_cfg.hint_channels)
         )
         set_only_mid_control(self.controlnet, bool(model_cfg.only_mid_control))
 
-        for module in (self.vae, self.text_encoder, self.unet):
+        for module in self.locked_modules():
             freeze(module, self.locked_dtype)
         if not self.sd_locked:
             for module in unet_decoder_modules(self.unet):
@@ -57,6 +58,9 @@ class ControlNetModule(L.LightningModule):
         self._first_batch_logged = False
 
     # -- parameters ------------------------------------------------------------------------
+    def locked_modules(self) -> list[torch.nn.Module]:
+        return [m for m in (self.vae, self.text_encoder, self.text_encoder_2, self.unet) if m is not None]
+
     def trainable_named_parameters(self) -> dict[str, torch.nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if p.requires_grad}
 
@@ -66,7 +70,7 @@ class ControlNetModule(L.LightningModule):
     def train(self, mode: bool = True):
         # Lightning switches the whole module to train mode; the locked parts stay in eval.
         super().train(mode)
-        for module in (self.vae, self.text_encoder, self.unet):
+        for module in self.locked_modules():
             module.eval()
         if not self.sd_locked:
             for module in unet_decoder_modules(self.unet):
@@ -74,15 +78,33 @@ class ControlNetModule(L.LightningModule):
         return self
 
     # -- the step --------------------------------------------------------------------------
-    def encode_prompts(self, captions: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(
-            captions,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
+    def _ids(self, tokenizer, captions: list[str]) -> torch.Tensor:
+        return tokenizer(
+            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids.to(self.device)
-        return self.text_encoder(ids)[0]
+
+    def encode_prompts(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(encoder hidden states, pooled embedding or None). SDXL, as its pipelines do: both
+        encoders' penultimate hidden states side by side, pooled from the second (projected) one."""
+        if self.text_encoder_2 is None:
+            return self.text_encoder(self._ids(self.tokenizer, captions))[0], None
+        states, pooled = [], None
+        for encoder, tokenizer in ((self.text_encoder, self.tokenizer), (self.text_encoder_2, self.tokenizer_2)):
+            out = encoder(self._ids(tokenizer, captions), output_hidden_states=True)
+            pooled = out[0]
+            states.append(out.hidden_states[-2])
+        return torch.cat(states, dim=-1), pooled
+
+    def micro_conditioning(self, batch: dict, pooled: torch.Tensor | None) -> dict | None:
+        """SDXL's added conditions: pooled text and (original size, crop top-left, target size)."""
+        if pooled is None:
+            return None
+        b, _, h, w = batch["image"].shape
+        original = batch.get("original_size", torch.tensor([[h, w]] * b))
+        crop = batch.get("crop_top_left", torch.zeros(b, 2, dtype=torch.long))
+        target = torch.tensor([[h, w]] * b)
+        time_ids = torch.cat([original.cpu(), crop.cpu(), target], dim=1).to(self.device, pooled.dtype)
+        return {"text_embeds": pooled, "time_ids": time_ids}
 
     def drop_captions(self, captions: list[str]) -> list[str]:
         if self.proportion_empty_prompts <= 0:
@@ -98,15 +120,17 @@ class ControlNetModule(L.LightningModule):
         with torch.no_grad():
             # fp32 from here: noise and target keep full precision even when the VAE runs in bf16.
             latents = self.vae.encode(image).latent_dist.sample().float() * self.vae.config.scaling_factor
-            encoder_hidden_states = self.encode_prompts(captions)
+            encoder_hidden_states, pooled = self.encode_prompts(captions)
+            added_cond_kwargs = self.micro_conditioning(batch, pooled)
         noise = torch.randn_like(latents)
         timesteps = torch.randint(
             0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
         )
         noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
         pred = controlled_unet_forward(
-            self.unet, self.controlnet, noisy_latents, timesteps, encoder_hidden_states, hint, self.control_scale
-        )
+            self.unet, self.controlnet, noisy_latents, timesteps, encoder_hidden_states, hint, self.control_scale,
+            added_cond_kwargs,
+        )  # fmt: skip
         if self.prediction_type == "epsilon":
             target = noise
         elif self.prediction_type == "v_prediction":
