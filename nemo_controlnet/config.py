@@ -84,7 +84,7 @@ def check_model(c: _Checker, prefix: str = "model") -> None:
 def check_local_weights(c: _Checker, prefix: str = "model") -> None:
     """Every ``from_pretrained`` source is a local directory that exists (hubs are never asked)."""
     model = OmegaConf.select(c.cfg, prefix)
-    for node in MODEL_NODES:
+    for node in (*MODEL_NODES, "cond_stage_config.text_encoder_2", "cond_stage_config.tokenizer_2"):
         source = OmegaConf.select(model, f"{node}.pretrained_model_name_or_path", default=None)
         if source is not None:
             where = Path(source) / (OmegaConf.select(model, f"{node}.subfolder", default=None) or "")

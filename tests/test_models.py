@@ -172,6 +172,23 @@ def test_byte_level_tokenizer_round_trips_and_fits_the_text_encoder(parts):
     assert decoded.replace(" ", "") == "redcircle,withcafébackground!"
 
 
+def test_local_sdxl_directory_loads_the_same_base(tmp_path):
+    tiny = build_stack(compose_train(["model=tiny_sdxl"]).model)
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "noise_scheduler"):
+        getattr(tiny, name).save_pretrained(tmp_path / "sdxl" / {"noise_scheduler": "scheduler"}.get(name, name))
+    loaded = build_stack(compose_train(["model=local_diffusers_xl", f"model.path={tmp_path / 'sdxl'}"]).model)
+    assert fingerprint(loaded.unet, loaded.vae, *loaded.text_encoders()) == fingerprint(
+        tiny.unet, tiny.vae, *tiny.text_encoders()
+    )
+    assert type(loaded.text_encoder_2).__name__ == "CLIPTextModelWithProjection"
+    (tmp_path / "sdxl" / "text_encoder_2" / "config.json").unlink()
+    import shutil
+
+    shutil.rmtree(tmp_path / "sdxl" / "tokenizer_2")
+    with pytest.raises(ConfigError, match="cond_stage_config.tokenizer_2.pretrained_model_name_or_path"):
+        build_stack(compose_train(["model=local_diffusers_xl", f"model.path={tmp_path / 'sdxl'}"]).model)
+
+
 def test_local_diffusers_directory_loads_the_same_base(tmp_path):
     """model=local_diffusers builds every part with from_pretrained from a local directory, offline."""
     tiny = build_stack(compose_train().model)
