@@ -91,10 +91,14 @@ def check_local_weights(c: _Checker, prefix: str = "model") -> None:
             if not where.is_dir():
                 c.errors.append(f"{prefix}.{node}.pretrained_model_name_or_path={source!r}: no directory {where}")
     pretrained = OmegaConf.select(model, "control_stage_config.pretrained", default=None)
-    if pretrained and not (Path(pretrained) / "config.json").is_file():
+    if pretrained and not (Path(pretrained) / "config.json").is_file() and not Path(pretrained).is_file():
         c.errors.append(
-            f"{prefix}.control_stage_config.pretrained={pretrained!r}: no diffusers ControlNet (config.json) there"
+            f"{prefix}.control_stage_config.pretrained={pretrained!r}: neither a diffusers ControlNet directory "
+            "nor an original-format ControlNet file"
         )
+    checkpoint = OmegaConf.select(model, "checkpoint", default=None)
+    if checkpoint and not Path(checkpoint).is_file():
+        c.errors.append(f"{prefix}.checkpoint={checkpoint!r}: no such file")
 
 
 def validate_model_config(cfg: DictConfig, prefix: str = "model") -> None:

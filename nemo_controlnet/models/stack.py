@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import CLIPTokenizer
 
 from nemo_controlnet.config import validate_model_config
+from nemo_controlnet.models.single_file import component_from_node, release_checkpoints
 from tokenizers.pre_tokenizers import ByteLevel
 
 log = logging.getLogger(__name__)
@@ -61,22 +62,37 @@ def _instantiate_seeded(node: DictConfig, seed: int, name: str):
 
 
 def build_stack(model_cfg: DictConfig) -> LockedStack:
+    """The locked parts: random init (seeded) from the architecture nodes, or ``from_pretrained`` nodes,
+    or, with ``model.checkpoint`` set, every part read from that one original-layout file."""
     validate_model_config(OmegaConf.create({"model": model_cfg}))
     seed = int(model_cfg.seed)
     cond = model_cfg.cond_stage_config
+    checkpoint = model_cfg.get("checkpoint")
+
+    def part(node, offset: int, name: str):
+        if checkpoint:
+            return component_from_node(node, checkpoint, name)
+        return _instantiate_seeded(node, seed + offset, name)
+
     noise_scheduler = instantiate(model_cfg.scheduler_config)
     if model_cfg.get("prediction_type"):
         noise_scheduler.register_to_config(prediction_type=model_cfg.prediction_type)
     second = cond.get("text_encoder_2")
-    return LockedStack(
-        unet=_instantiate_seeded(model_cfg.unet_config, seed, "unet"),
-        vae=_instantiate_seeded(model_cfg.first_stage_config, seed + 1, "vae"),
-        text_encoder=_instantiate_seeded(cond.text_encoder, seed + 2, "text_encoder"),
-        tokenizer=instantiate(cond.tokenizer),
-        noise_scheduler=noise_scheduler,
-        text_encoder_2=_instantiate_seeded(second, seed + 3, "text_encoder_2") if second else None,
-        tokenizer_2=instantiate(cond.tokenizer_2) if second else None,
-    )
+    # Tokenizers first: a missing vocabulary fails before gigabytes of weights are read.
+    tokenizer = instantiate(cond.tokenizer)
+    tokenizer_2 = instantiate(cond.tokenizer_2) if second else None
+    try:
+        return LockedStack(
+            unet=part(model_cfg.unet_config, 0, "unet"),
+            vae=part(model_cfg.first_stage_config, 1, "vae"),
+            text_encoder=part(cond.text_encoder, 2, "text_encoder"),
+            tokenizer=tokenizer,
+            noise_scheduler=noise_scheduler,
+            text_encoder_2=part(second, 3, "text_encoder_2") if second else None,
+            tokenizer_2=tokenizer_2,
+        )
+    finally:
+        release_checkpoints()
 
 
 def freeze(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
