@@ -8,7 +8,12 @@ from diffusers import ControlNetModel
 from hydra.utils import instantiate
 from safetensors import safe_open
 
-from nemo_controlnet.models.formats import export_original_controlnet, load_original_controlnet, load_state_dict_file
+from nemo_controlnet.models.formats import (
+    export_controlnet,
+    export_original_controlnet,
+    load_original_controlnet,
+    load_state_dict_file,
+)
 from tests.conftest import compose_train
 
 
@@ -53,6 +58,13 @@ def test_original_format_export_loads_in_diffusers_with_the_same_outputs(model, 
     # Equal weights; outputs equal up to float32 rounding (kernels may differ with memory layout).
     expected = _outputs(controlnet, size)
     for a, b in zip(expected, _outputs(loaded, size), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-4)
+    # The diffusers-format export (what training writes) loads through from_pretrained alike.
+    export_controlnet(controlnet, tmp_path / "diffusers", {"global_step": 1})
+    from_dir = ControlNetModel.from_pretrained(tmp_path / "diffusers")
+    for key, value in controlnet.state_dict().items():
+        assert torch.equal(from_dir.state_dict()[key], value), key
+    for a, b in zip(expected, _outputs(from_dir, size), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-4)
     # And our own importer of original-format files gives the same model back.
     again = load_original_controlnet(path, dict(controlnet.config))
