@@ -8,7 +8,7 @@ import torch
 
 from nemo_controlnet.config import ConfigError
 from nemo_controlnet.models.single_file import bytes_to_unicode, clip_tokenizer_from_bpe, export_base_single_file
-from nemo_controlnet.models.stack import build_stack, fingerprint
+from nemo_controlnet.models.stack import build_stack
 from tests.conftest import compose_train
 
 
@@ -31,24 +31,30 @@ def _denoise(stack, seed: int = 0) -> torch.Tensor:
         return torch.cat([stack.unet(latents, torch.tensor([500]), ehs).sample.flatten(), image.flatten()])
 
 
-@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
-def test_tiny_base_round_trips_through_a_single_file(tmp_path, suffix):
-    stack = _perturbed_stack([])
-    path = export_base_single_file(stack.unet, stack.vae, stack.text_encoder, tmp_path / "base.safetensors")
+@pytest.mark.parametrize(
+    "model,layout,suffix",
+    [("tiny", "sd1", ".safetensors"), ("tiny", "sd1", ".ckpt"), ("tiny", "sd2", ".safetensors"),
+     ("tiny_sdxl", "sdxl", ".safetensors")],
+)  # fmt: skip
+def test_tiny_base_round_trips_through_a_single_file(tmp_path, model, layout, suffix):
+    stack = _perturbed_stack([f"model={model}"])
+    path = export_base_single_file(
+        stack.unet, stack.vae, stack.text_encoder, tmp_path / "base.safetensors", layout=layout,
+        text_encoder_2=stack.text_encoder_2,
+    )  # fmt: skip
     if suffix == ".ckpt":  # the same weights as a pickled checkpoint, read with weights_only=True
         from safetensors.torch import load_file
 
         torch.save({"state_dict": load_file(str(path))}, tmp_path / "base.ckpt")
         path = tmp_path / "base.ckpt"
-    loaded = build_stack(compose_train([f"model.checkpoint={path}"]).model)
-    for name in ("unet", "vae", "text_encoder"):
+    loaded = build_stack(compose_train([f"model={model}", f"model.checkpoint={path}"]).model)
+    names = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if stack.text_encoder_2 is not None else [])
+    for name in names:
         ours, theirs = getattr(stack, name).state_dict(), getattr(loaded, name).state_dict()
         assert set(ours) == set(theirs), name
         assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
-    assert fingerprint(loaded.unet, loaded.vae, loaded.text_encoder) == fingerprint(
-        stack.unet, stack.vae, stack.text_encoder
-    )
-    torch.testing.assert_close(_denoise(loaded), _denoise(stack), rtol=1e-5, atol=1e-5)
+    if layout != "sdxl":  # (SDXL's UNet needs its added conditions; the weights above are the proof)
+        torch.testing.assert_close(_denoise(loaded), _denoise(stack), rtol=1e-5, atol=1e-5)
 
 
 def _bpe(tmp_path, merges=("h e", "l l", "he ll", "hell o</w>")):

@@ -439,7 +439,7 @@ def test_sdxl_micro_conditioning_reaches_both_networks(train_cfg):
     batch = normalize_batch(next(iter(batches(stream))))
     assert batch["original_size"].tolist() == [[64, 64], [64, 64]]  # the shapes data is 64 px: no crop room
     ehs, pooled = module.encode_prompts(batch["caption"])
-    assert ehs.shape == (2, 77, 64) and pooled.shape == (2, 32)
+    assert ehs.shape == (2, 77, 80) and pooled.shape == (2, 32)
     added = module.micro_conditioning(batch, pooled)
     assert added["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]] * 2
     latents = torch.randn(2, 4, 8, 8)

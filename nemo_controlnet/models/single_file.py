@@ -204,19 +204,66 @@ def original_vae_state(vae) -> dict[str, torch.Tensor]:
     return out
 
 
-def export_base_single_file(unet, vae, text_encoder, path: str | Path, dtype: str = "fp32") -> Path:
-    """SD 1.x (CLIP ViT-L text encoder) as one original-layout ``.safetensors`` file."""
-    if getattr(text_encoder.config, "hidden_act", None) != "quick_gelu":
-        raise ValueError("single-file base export covers SD 1.x (OpenAI CLIP text encoder) only")
+def _text_model_keys(text_encoder) -> dict[str, torch.Tensor]:
+    """HF CLIP keys with the ``text_model.`` nesting the original layouts use (transformers >= 5.6
+    flattens CLIPTextModel)."""
+    return {(k if k.startswith(("text_model.", "text_projection")) else f"text_model.{k}"): v
+            for k, v in text_encoder.state_dict().items()}  # fmt: skip
+
+
+def openclip_state(text_encoder, prefix: str) -> dict[str, torch.Tensor]:
+    """A CLIP text encoder in OpenCLIP's layout (SD 2.x, SDXL's second encoder): q, k and v packed
+    into one in_proj, the projection transposed."""
+    state = _text_model_keys(text_encoder)
+    out = {
+        prefix + "positional_embedding": state.pop("text_model.embeddings.position_embedding.weight"),
+        prefix + "token_embedding.weight": state.pop("text_model.embeddings.token_embedding.weight"),
+        prefix + "ln_final.weight": state.pop("text_model.final_layer_norm.weight"),
+        prefix + "ln_final.bias": state.pop("text_model.final_layer_norm.bias"),
+    }
+    if "text_projection.weight" in state:
+        out[prefix + "text_projection"] = state.pop("text_projection.weight").T.contiguous()
+    state.pop("text_model.embeddings.position_ids", None)
+    layers = {int(k.split(".")[3]) for k in state if k.startswith("text_model.encoder.layers.")}
+    for i in sorted(layers):
+        src, dst = f"text_model.encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        for leaf in ("weight", "bias"):
+            out[dst + f"attn.in_proj_{leaf}"] = torch.cat(
+                [state.pop(src + f"self_attn.{p}_proj.{leaf}") for p in "qkv"]
+            )
+            out[dst + f"attn.out_proj.{leaf}"] = state.pop(src + f"self_attn.out_proj.{leaf}")
+            out[dst + f"ln_1.{leaf}"] = state.pop(src + f"layer_norm1.{leaf}")
+            out[dst + f"ln_2.{leaf}"] = state.pop(src + f"layer_norm2.{leaf}")
+            out[dst + f"mlp.c_fc.{leaf}"] = state.pop(src + f"mlp.fc1.{leaf}")
+            out[dst + f"mlp.c_proj.{leaf}"] = state.pop(src + f"mlp.fc2.{leaf}")
+    if state:
+        raise KeyError(f"text encoder weights with no OpenCLIP name: {sorted(state)[:5]}")
+    return out
+
+
+LAYOUTS = ("sd1", "sd2", "sdxl")
+
+
+def export_base_single_file(
+    unet, vae, text_encoder, path: str | Path, dtype: str = "fp32", layout: str = "sd1", text_encoder_2=None
+) -> Path:
+    """Stable Diffusion as one original-layout ``.safetensors`` file. ``layout``: ``sd1`` (OpenAI
+    CLIP text encoder), ``sd2`` (OpenCLIP text encoder), ``sdxl`` (both, as SDXL's conditioner)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r}: use one of {LAYOUTS}")
     state = {**original_unet_state(unet), **original_vae_state(vae)}
-    # The original layout nests the text tower under text_model. (transformers >= 5.6 flattens it.)
-    state.update(
-        {CLIP_PREFIX + (k if k.startswith("text_model.") else f"text_model.{k}"): v
-         for k, v in text_encoder.state_dict().items()}
-    )  # fmt: skip
+    if layout == "sd1":
+        state.update({CLIP_PREFIX + k: v for k, v in _text_model_keys(text_encoder).items()})
+    elif layout == "sd2":
+        state.update(openclip_state(text_encoder, "cond_stage_model.model."))
+    else:
+        if text_encoder_2 is None:
+            raise ValueError("layout=sdxl needs text_encoder_2")
+        state.update({"conditioner.embedders.0.transformer." + k: v for k, v in _text_model_keys(text_encoder).items()})
+        state.update(openclip_state(text_encoder_2, "conditioner.embedders.1.model."))
     state = {k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in state.items()}
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file(state, str(tmp), metadata={"format": "pt", "exported_by": "nemo_controlnet"})
-    log.info("wrote single-file base %s (%d tensors, %s)", path, len(state), dtype)
+    log.info("wrote single-file base %s (%s layout, %d tensors, %s)", path, layout, len(state), dtype)
     return path
