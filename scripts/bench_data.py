@@ -24,7 +24,7 @@ import webdataset as wds
 from PIL import Image
 
 from nemo_controlnet.data.hints import Canny
-from nemo_controlnet.data.webdataset import SampleDecoder, SampleStream, ShardSource, batches
+from nemo_controlnet.data.webdataset import SampleDecoder, batches, epoch_pipeline
 
 
 def photo_like(rng: np.random.Generator, width: int, height: int) -> Image.Image:
@@ -61,7 +61,7 @@ def write_shards(out: Path, samples: int, per_shard: int, size: tuple[int, int])
 def measure(urls: list[str], resolution: int, workers: int, on_the_fly: bool, batch_size: int) -> tuple[float, int]:
     decoder = SampleDecoder(resolution, crop="random", hflip=0.5, detector=Canny() if on_the_fly else None,
                             regenerate=on_the_fly)  # fmt: skip
-    stream = SampleStream([(ShardSource(urls), 1.0)], decoder, batch_size, epoch=0, shuffle_buffer=64)
+    stream = epoch_pipeline(urls, decoder, batch_size, epoch=0, shuffle_buffer=64)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=workers,
                                          prefetch_factor=4 if workers else None)  # fmt: skip
     it = batches(loader)

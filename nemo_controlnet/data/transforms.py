@@ -109,22 +109,11 @@ def normalize_batch(batch: dict, control_key: str = "hint") -> dict:
     return batch
 
 
-def image_to_tensor(img: np.ndarray | Image.Image) -> torch.Tensor:
-    return normalize_image(to_uint8_chw(np.asarray(img.convert("RGB") if isinstance(img, Image.Image) else img), 3))
-
-
 def hint_to_tensor(img: np.ndarray | Image.Image, channels: int = 3) -> torch.Tensor:
     """A hint as the model sees it: float [0, 1], RGB (or one channel), CHW."""
     if isinstance(img, Image.Image) and img.mode not in ("L", "RGB"):
         img = img.convert("RGB")
     return normalize_hint(to_uint8_chw(img, channels))
-
-
-def paired_resize_crop(image: Image.Image, hint: Image.Image, size: int) -> tuple[Image.Image, Image.Image]:
-    if image.size != hint.size:
-        raise ValueError(f"image size {image.size} and hint size {hint.size} differ")
-    params = ResizeCrop.center(*image.size, size)
-    return params.apply(image, "image"), params.apply(hint, "hint")
 
 
 def prepare_hint(hint: Image.Image, size: int, channels: int = 3) -> torch.Tensor:
