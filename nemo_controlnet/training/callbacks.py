@@ -139,3 +139,85 @@ class ValidationImages(_EveryNOptimizerSteps):
         if trainer.logger is not None:
             trainer.logger.log_metrics({"validation/seconds": seconds}, step=step)
         log.info("validation grid %s (%d samples, %.1fs)", path, len(self.prompts), seconds)
+
+
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A6000": 155.0, "4090": 165.0}
+
+
+def peak_tflops(configured: float | None = None) -> float | None:
+    """Dense bf16 peak of this GPU (config wins); None on a CPU or an unknown GPU: no MFU then."""
+    if configured:
+        return float(configured)
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+class Throughput(L.Callback):
+    """Logs samples/s, the fraction of step time spent waiting for data, peak memory, TFLOP/s and
+    MFU. Model FLOPs per sample are counted once (torch.utils.flop_counter on the first batch,
+    forward + backward, RNG and gradients left as they were); the first ``warmup_steps`` steps
+    (compilation, allocator growth) are not averaged."""
+
+    def __init__(self, warmup_steps: int = 5, log_every_n_steps: int = 10, peak: float | None = None,
+                 count_flops: bool = True):  # fmt: skip
+        self.warmup_steps, self.every = warmup_steps, max(1, log_every_n_steps)
+        self.peak, self.count_flops = peak, count_flops
+        self.flops_per_sample: float | None = None
+        self._batch_end = self._batch_start = None
+        self._steps = self._samples = 0
+        self._busy = self._waiting = 0.0
+
+    def _count(self, trainer, pl_module, batch) -> None:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from nemo_controlnet.data.transforms import normalize_batch
+
+        batch = normalize_batch({k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()},
+                                pl_module.control_key)  # fmt: skip
+        devices = [pl_module.device] if pl_module.device.type == "cuda" else []
+        # Under the trainer's precision context (autocast), as the real step runs.
+        with torch.random.fork_rng(devices=devices), FlopCounterMode(display=False) as counter:
+            with trainer.precision_plugin.forward_context():
+                loss = pl_module.diffusion_loss(batch)
+            loss.backward()
+        for p in pl_module.parameters():
+            p.grad = None
+        self.flops_per_sample = counter.get_total_flops() / batch["image"].shape[0]
+        log.info("model FLOPs per sample (forward + backward): %.3g", self.flops_per_sample)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        now = time.perf_counter()
+        if self.count_flops and self.flops_per_sample is None:
+            self._count(trainer, pl_module, batch)
+            now = time.perf_counter()
+        if self._batch_end is not None and trainer.global_step >= self.warmup_steps:
+            self._waiting += now - self._batch_end  # the loop was fetching this batch
+        self._batch_start = now
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()  # once a step: honest timings need the GPU to have finished
+        now = time.perf_counter()
+        if trainer.global_step > self.warmup_steps:
+            self._busy += now - self._batch_start
+            self._samples += batch["image"].shape[0] * trainer.world_size
+            self._steps += 1
+        self._batch_end = now
+        if self._steps and trainer.global_step % self.every == 0 and trainer.logger is not None:
+            trainer.logger.log_metrics(self.metrics(pl_module), step=trainer.global_step)
+
+    def metrics(self, pl_module) -> dict:
+        total = self._busy + self._waiting
+        rate = self._samples / total if total else 0.0
+        out = {"perf/samples_per_s": rate, "perf/data_wait_fraction": self._waiting / total if total else 0.0}
+        if pl_module.device.type == "cuda":
+            out["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        if self.flops_per_sample:
+            tflops = self.flops_per_sample * rate / 1e12 / max(1, pl_module.trainer.world_size)
+            out["perf/tflops_per_device"] = tflops
+            peak = peak_tflops(self.peak)
+            if peak:
+                out["perf/mfu"] = tflops / peak
+        return out

@@ -21,7 +21,7 @@ CHECKPOINT_META = "nemo_controlnet"
 
 
 class ControlNetModule(L.LightningModule):
-    def __init__(self, model_cfg: DictConfig, optim_cfg: DictConfig, precision: str | int = 32):
+    def __init__(self, model_cfg: DictConfig, optim_cfg: DictConfig, precision: str | int = 32, seed: int = 0):
         super().__init__()
         self.model_cfg, self.optim_cfg = model_cfg, optim_cfg
         self.sd_locked = bool(model_cfg.sd_locked)
@@ -56,6 +56,9 @@ class ControlNetModule(L.LightningModule):
         self.strict_loading = False
         self.data_position: tuple[int, int] = (0, -1)
         self._first_batch_logged = False
+        self.seed = seed
+        self.channels_last = False  # set by training.perf.apply_performance
+        self.lr_scale = 1.0  # optim.scale_lr: the effective batch
 
     # -- parameters ------------------------------------------------------------------------
     def locked_modules(self) -> list[torch.nn.Module]:
@@ -140,13 +143,21 @@ class ControlNetModule(L.LightningModule):
         return F.mse_loss(pred.float(), target.float())
 
     def on_train_start(self) -> None:
+        # Every rank was seeded alike (the same random init everywhere); noise must differ per
+        # rank. Rank 0 keeps its stream, so a single-process resume stays exact.
+        if self.global_rank > 0:
+            torch.manual_seed(self.seed + 7919 * self.global_rank + self.trainer.global_step)
         for name in ("controlnet", "unet", "vae", "text_encoder"):
             p = next(getattr(self, name).parameters())
             log.info("%s on %s in %s", name, p.device, p.dtype)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         # The loader sends uint8; the floats of the contract are made here, on the device.
-        return normalize_batch(batch, self.control_key)
+        batch = normalize_batch(batch, self.control_key)
+        if self.channels_last:
+            for key in ("image", self.control_key):
+                batch[key] = batch[key].contiguous(memory_format=torch.channels_last)
+        return batch
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if not self._first_batch_logged:
@@ -163,11 +174,11 @@ class ControlNetModule(L.LightningModule):
     # -- optimizer -------------------------------------------------------------------------
     def configure_optimizers(self):
         o = self.optim_cfg
-        groups = [
-            {"params": [p for p in self.controlnet.parameters() if p.requires_grad], "lr": o.lr, "name": "controlnet"}
-        ]
+        trainable = [p for p in self.controlnet.parameters() if p.requires_grad]
+        groups = [{"params": trainable, "lr": o.lr * self.lr_scale, "name": "controlnet"}]
         if not self.sd_locked:
-            groups.append({"params": self.unet_decoder_parameters(), "lr": o.unet_lr, "name": "unet_decoder"})
+            groups.append({"params": self.unet_decoder_parameters(), "lr": o.unet_lr * self.lr_scale,
+                           "name": "unet_decoder"})  # fmt: skip
         fused = bool(o.fused) and self.device.type == "cuda"
         optimizer = torch.optim.AdamW(
             groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, fused=fused or None

@@ -20,9 +20,10 @@ from nemo_controlnet.data.datamodule import ShardDataModule, validation_samples
 from nemo_controlnet.data.synthetic import write_shapes_dataset
 from nemo_controlnet.io import atomic_path
 from nemo_controlnet.models.formats import export_controlnet, export_original_controlnet
-from nemo_controlnet.training.callbacks import StepCheckpoint, ValidationImages
+from nemo_controlnet.training.callbacks import StepCheckpoint, Throughput, ValidationImages
 from nemo_controlnet.training.checkpoint import AtomicCheckpointIO, latest_checkpoint, list_checkpoints
 from nemo_controlnet.training.module import ControlNetModule
+from nemo_controlnet.training.perf import apply_performance
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ def train(cfg: DictConfig) -> tuple[L.Trainer, ControlNetModule]:
         _write_run_config(cfg, run_dir)
 
     L.seed_everything(cfg.seed, workers=True)
-    module = ControlNetModule(cfg.model, cfg.optim, cfg.trainer.precision)
+    module = ControlNetModule(cfg.model, cfg.optim, cfg.trainer.precision, seed=int(cfg.seed))
     check_resolution(module, int(cfg.data.resolution))
     datamodule = ShardDataModule(cfg.data, int(cfg.model.hint_channels), int(cfg.seed), cfg.model.control_key)
     prompts, hints = validation_samples(cfg.validation, cfg.data, int(cfg.model.hint_channels))
@@ -145,8 +146,13 @@ def train(cfg: DictConfig) -> tuple[L.Trainer, ControlNetModule]:
             cfg.validation.sampler,
         ),
     ]
+    perf = cfg.get("perf") or {}
     if logger:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
+        callbacks.append(
+            Throughput(perf.get("warmup_steps", 5), cfg.trainer.get("log_every_n_steps", 10),
+                       perf.get("peak_tflops"), perf.get("count_flops", True))
+        )  # fmt: skip
     trainer = L.Trainer(
         **OmegaConf.to_container(cfg.trainer, resolve=True),
         default_root_dir=str(run_dir),
@@ -157,6 +163,10 @@ def train(cfg: DictConfig) -> tuple[L.Trainer, ControlNetModule]:
         num_sanity_val_steps=0,
     )
     effective = int(cfg.data.batch_size) * trainer.world_size * int(cfg.trainer.get("accumulate_grad_batches", 1))
+    apply_performance(module, perf, trainer.strategy.root_device.type)
+    if cfg.optim.get("scale_lr"):
+        module.lr_scale = float(effective)
+        log.info("optim.scale_lr: learning rates x %d (the effective batch)", effective)
     log.info(
         "effective batch %d = %d per device x %d device(s) x %d accumulation; max_steps %d",
         effective,

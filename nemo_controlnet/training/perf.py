@@ -1,0 +1,70 @@
+"""Per-GPU speed switches, applied outside the model code in torchtitan's order: activation
+checkpointing, then channels_last, then regional compile (Lightning wraps for DDP/FSDP after)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.utils.checkpoint
+from omegaconf import DictConfig
+
+log = logging.getLogger(__name__)
+
+
+def _checkpointed_call(module, *args):
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False)
+
+
+def checkpoint_blocks(blocks) -> int:
+    """Activation checkpointing on every diffusers block under ``blocks`` (their own switch)."""
+    count = 0
+    for block in blocks:
+        for sub in block.modules():
+            if hasattr(sub, "gradient_checkpointing"):
+                sub._gradient_checkpointing_func = _checkpointed_call
+                sub.gradient_checkpointing = True
+                count += 1
+    return count
+
+
+def compile_blocks(model, backend: str = "inductor") -> int:
+    """Regional compile: each down/mid/up block on its own (fast to compile, reused across blocks
+    of the same shape), the model's Python glue left eager."""
+    blocks = [*model.down_blocks, model.mid_block, *getattr(model, "up_blocks", [])]
+    for block in blocks:
+        block.compile(backend=backend)
+    return len(blocks)
+
+
+def resolve(flag, device_type: str) -> bool:
+    return device_type == "cuda" if flag == "auto" else bool(flag)
+
+
+def apply_performance(module, perf: DictConfig, device_type: str) -> dict:
+    """Apply the ``perf`` config to a ControlNetModule; returns what was applied, for the log."""
+    applied = {}
+    ckpt = perf.get("gradient_checkpointing") or {}
+    if ckpt.get("controlnet"):
+        applied["checkpointed_controlnet_blocks"] = checkpoint_blocks([module.controlnet])
+    if ckpt.get("unet_decoder"):
+        # The decoder keeps activations even when locked: the residuals' gradients flow through it.
+        applied["checkpointed_unet_decoder_blocks"] = checkpoint_blocks(module.unet.up_blocks)
+    if resolve(perf.get("channels_last", "auto"), device_type):
+        for name in ("controlnet", "unet", "vae"):
+            getattr(module, name).to(memory_format=torch.channels_last)
+        module.channels_last = True
+        applied["channels_last"] = True
+    if device_type == "cuda" and perf.get("tf32", True):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        applied["tf32"] = True
+    if perf.get("compile"):
+        backend = perf.get("compile_backend", "inductor")
+        applied["compiled_blocks"] = compile_blocks(module.controlnet, backend) + compile_blocks(module.unet, backend)
+    if device_type == "cuda":
+        b = torch.backends.cuda
+        applied["sdpa"] = {"flash": b.flash_sdp_enabled(), "mem_efficient": b.mem_efficient_sdp_enabled(),
+                           "cudnn": b.cudnn_sdp_enabled(), "math": b.math_sdp_enabled()}  # fmt: skip
+    log.info("performance settings: %s", applied or "none")
+    return applied
