@@ -168,7 +168,9 @@ class ControlNetModule(L.LightningModule):
             )
         loss = self.diffusion_loss(batch)
         self.data_position = tuple(batch["data_position"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0])
+        # Averaged over ranks (one tiny all-reduce a step) only when there are several.
+        multi = self._trainer is not None and self.trainer.world_size > 1
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0], sync_dist=multi)
         return loss
 
     # -- optimizer -------------------------------------------------------------------------
