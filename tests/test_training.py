@@ -468,3 +468,31 @@ def test_sdxl_trains_validates_exports_and_generates(train_cfg, tmp_path):
         overrides = [f"controlnet={run}", "device=cpu", f"hints=[{tmp_path / 'h.png'}]", "num_inference_steps=2"]
         gen = compose(config_name="generate", overrides=[*overrides, f"out_dir={tmp_path / 'g'}"])
     assert [p.name for p in generate(gen)] == ["00000.png"]
+
+
+def test_cached_latents_and_text_embeddings_give_the_online_loss(monkeypatch):
+    cfg = compose_train(["model.proportion_empty_prompts=0.0"])
+    module = ControlNetModule(cfg.model, cfg.optim)
+    batch = {"image": torch.rand(2, 3, 64, 64) * 2 - 1, "hint": torch.rand(2, 3, 64, 64), "caption": ["a b", "c"]}
+    torch.manual_seed(3)
+    online = module.diffusion_loss(dict(batch))
+    torch.manual_seed(3)  # the same draws: the VAE sample, then noise and timesteps
+    with torch.no_grad():
+        latents = module.vae.encode(batch["image"]).latent_dist.sample() * module.vae.config.scaling_factor
+        text_embeds, _ = module.encode_prompts(batch["caption"])
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("an encoder ran although its output was cached")
+
+    monkeypatch.setattr(module.vae, "encode", must_not_run)
+    monkeypatch.setattr(module.text_encoder, "forward", must_not_run)
+    cached = {"latents": latents, "text_embeds": text_embeds, "hint": batch["hint"], "caption": batch["caption"]}
+    torch.testing.assert_close(module.diffusion_loss(cached), online)
+
+    # Caption dropout on cached embeddings swaps in the empty prompt's, as dropping the caption would.
+    monkeypatch.undo()
+    with torch.no_grad():
+        empty, _ = module.encode_prompts(["", ""])
+    module.proportion_empty_prompts = 1.0
+    states, _ = module.cached_prompts(cached, drop_captions=True)
+    torch.testing.assert_close(states, empty)

@@ -184,7 +184,7 @@ class Throughput(L.Callback):
             loss.backward()
         for p in pl_module.parameters():
             p.grad = None
-        self.flops_per_sample = counter.get_total_flops() / batch["image"].shape[0]
+        self.flops_per_sample = counter.get_total_flops() / len(batch["caption"])
         log.info("model FLOPs per sample (forward + backward): %.3g", self.flops_per_sample)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
@@ -202,7 +202,7 @@ class Throughput(L.Callback):
         now = time.perf_counter()
         if trainer.global_step > self.warmup_steps:
             self._busy += now - self._batch_start
-            self._samples += batch["image"].shape[0] * trainer.world_size
+            self._samples += len(batch["caption"]) * trainer.world_size
             self._steps += 1
         self._batch_end = now
         if self._steps and trainer.global_step % self.every == 0 and trainer.logger is not None:

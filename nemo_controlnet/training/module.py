@@ -56,6 +56,7 @@ class ControlNetModule(L.LightningModule):
         self.strict_loading = False
         self.data_position: tuple[int, int] = (0, -1)
         self._first_batch_logged = False
+        self._empty_prompt = None  # the empty caption's embeddings, for dropout with cached embeddings
         self.seed = seed
         self.channels_last = False  # set by training.perf.apply_performance
         self.lr_scale = 1.0  # optim.scale_lr: the effective batch
@@ -98,11 +99,31 @@ class ControlNetModule(L.LightningModule):
             states.append(out.hidden_states[-2])
         return torch.cat(states, dim=-1), pooled
 
-    def micro_conditioning(self, batch: dict, pooled: torch.Tensor | None) -> dict | None:
+    def cached_prompts(self, batch: dict, drop_captions: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Cached text embeddings, with caption dropout done by swapping in the empty prompt's."""
+        states, pooled = batch["text_embeds"], batch.get("pooled_text_embeds")
+        if drop_captions and self.proportion_empty_prompts > 0:
+            drop = (torch.rand(states.shape[0]) < self.proportion_empty_prompts).to(states.device)
+            if drop.any():
+                if self._empty_prompt is None:
+                    self._empty_prompt = self.encode_prompts([""])
+                empty_states, empty_pooled = self._empty_prompt
+                states = torch.where(drop[:, None, None], empty_states.to(states.dtype), states)
+                if pooled is not None:
+                    pooled = torch.where(drop[:, None], empty_pooled.to(pooled.dtype), pooled)
+        return states, pooled
+
+    def micro_conditioning(
+        self, batch: dict, pooled: torch.Tensor | None, latents: torch.Tensor | None = None
+    ) -> dict | None:
         """SDXL's added conditions: pooled text and (original size, crop top-left, target size)."""
         if pooled is None:
             return None
-        b, _, h, w = batch["image"].shape
+        if "image" in batch:
+            b, _, h, w = batch["image"].shape
+        else:  # cached latents: the target size is the latent grid times the VAE's factor
+            factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+            b, h, w = latents.shape[0], latents.shape[-2] * factor, latents.shape[-1] * factor
         original = batch.get("original_size", torch.tensor([[h, w]] * b))
         crop = batch.get("crop_top_left", torch.zeros(b, 2, dtype=torch.long))
         target = torch.tensor([[h, w]] * b)
@@ -117,14 +138,20 @@ class ControlNetModule(L.LightningModule):
 
     def diffusion_loss(self, batch: dict, drop_captions: bool = True) -> torch.Tensor:
         """The loss of diffusers' ControlNet example: noise, uniform timesteps, MSE on the target."""
-        image = batch["image"].to(self.locked_dtype)
         hint = batch[self.control_key]
-        captions = self.drop_captions(batch["caption"]) if drop_captions else list(batch["caption"])
         with torch.no_grad():
             # fp32 from here: noise and target keep full precision even when the VAE runs in bf16.
-            latents = self.vae.encode(image).latent_dist.sample().float() * self.vae.config.scaling_factor
-            encoder_hidden_states, pooled = self.encode_prompts(captions)
-            added_cond_kwargs = self.micro_conditioning(batch, pooled)
+            if "latents" in batch:  # cached (already scaled): the VAE encoder is not run
+                latents = batch["latents"].float()
+            else:
+                image = batch["image"].to(self.locked_dtype)
+                latents = self.vae.encode(image).latent_dist.sample().float() * self.vae.config.scaling_factor
+            if "text_embeds" in batch:  # cached: the text encoders are not run
+                encoder_hidden_states, pooled = self.cached_prompts(batch, drop_captions)
+            else:
+                captions = self.drop_captions(batch["caption"]) if drop_captions else list(batch["caption"])
+                encoder_hidden_states, pooled = self.encode_prompts(captions)
+            added_cond_kwargs = self.micro_conditioning(batch, pooled, latents)
         noise = torch.randn_like(latents)
         timesteps = torch.randint(
             0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
@@ -155,8 +182,9 @@ class ControlNetModule(L.LightningModule):
         # The loader sends uint8; the floats of the contract are made here, on the device.
         batch = normalize_batch(batch, self.control_key)
         if self.channels_last:
-            for key in ("image", self.control_key):
-                batch[key] = batch[key].contiguous(memory_format=torch.channels_last)
+            for key in ("image", self.control_key, "latents"):
+                if key in batch:
+                    batch[key] = batch[key].contiguous(memory_format=torch.channels_last)
         return batch
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
@@ -170,7 +198,8 @@ class ControlNetModule(L.LightningModule):
         self.data_position = tuple(batch["data_position"])
         # Averaged over ranks (one tiny all-reduce a step) only when there are several.
         multi = self._trainer is not None and self.trainer.world_size > 1
-        self.log("train/loss", loss, prog_bar=True, batch_size=batch["image"].shape[0], sync_dist=multi)
+        size = (batch["latents"] if "latents" in batch else batch["image"]).shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=size, sync_dist=multi)
         return loss
 
     # -- optimizer -------------------------------------------------------------------------
