@@ -20,3 +20,11 @@ def test_bench_data_reports_every_configuration(tmp_path):
     )  # fmt: skip
     assert [(r["hints"], r["workers"]) for r in rows] == [("precomputed", 0), ("on-the-fly canny", 0)]
     assert all(r["samples_per_s"] > 0 and r["workers_for_target"] >= 1 for r in rows)
+
+
+def test_bench_train_compares_baseline_and_ours():
+    rows = _load("bench_train").main(
+        ["--model", "tiny", "--resolution", "64", "--batch-size", "2", "--steps", "2", "--warmup", "1"]
+    )
+    assert [r["config"] for r in rows] == ["baseline", "ours online", "ours cached"]
+    assert all(r["samples_per_s"] > 0 and r["tflops"] > 0 for r in rows)
