@@ -1,5 +1,6 @@
-"""Two CPU processes (DDP over gloo), launched through the real command: the same loss trajectory as
-one process with the same global batch, checkpoints from rank 0 only, and they resume on one process."""
+"""Two CPU processes (DDP over gloo, gradients all-reduced in bf16: trainer=ddp_bf16), launched
+through the real command: the same loss trajectory as one process with the same global batch,
+checkpoints from rank 0 only, and they resume on one process."""
 
 import csv
 import os
@@ -25,8 +26,8 @@ def test_two_process_ddp_matches_one_process_and_resumes_on_one(train_cfg, shape
     ddp_run = tmp_path / "ddp"
     args = [
         sys.executable, "-m", "nemo_controlnet.cli.train", f"run_dir={ddp_run}", f"data.shards={shapes_dir / 'train'}",
-        "data.synthetic=null", "data.num_workers=0", "data.batch_size=2", "trainer.accelerator=cpu",
-        "trainer.devices=2", "trainer.strategy=ddp", f"trainer.max_steps={STEPS}", "trainer.log_every_n_steps=1",
+        "data.synthetic=null", "data.num_workers=0", "data.batch_size=2", "trainer=ddp_bf16",
+        "trainer.accelerator=cpu", "trainer.precision=32", "trainer.devices=2", f"trainer.max_steps={STEPS}", "trainer.log_every_n_steps=1",
         "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=5", "validation.num_samples=0", "logger=csv",
         "model.proportion_empty_prompts=0.0",
     ]  # fmt: skip

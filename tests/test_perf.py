@@ -92,3 +92,33 @@ def test_throughput_and_mfu_are_logged(train_cfg):
     assert tflops > 0 and float(last["perf/mfu"]) == pytest.approx(tflops / 0.001)
     flops = next(cb for cb in trainer.callbacks if type(cb).__name__ == "Throughput").flops_per_sample
     assert flops > 1e6  # forward + backward of the tiny UNet, ControlNet, VAE encoder and text encoder
+
+
+def test_locked_unet_encoder_keeps_no_activations_for_backward():
+    """The residuals enter at the skips and the middle, so only the decoder needs a graph: the
+    locked encoder runs without autograd and saves nothing for backward."""
+    module = _module("model.sd_locked=true")
+    saved = {"bytes": 0}
+    grad_in_encoder = []
+
+    def pack(t):
+        saved["bytes"] += t.numel() * t.element_size()
+        return t
+
+    for block in module.unet.down_blocks:
+        block.register_forward_hook(lambda m, i, o: grad_in_encoder.append(o[0].requires_grad))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        torch.manual_seed(0)
+        module.diffusion_loss(dict(BATCH))
+    ours = saved["bytes"]
+    assert grad_in_encoder and not any(grad_in_encoder)  # no graph through the locked encoder
+
+    # Against the same step with a graph through the encoder: what not keeping it saves.
+    saved["bytes"] = 0
+    original = module.unet.conv_in.forward
+    module.unet.conv_in.forward = lambda x: original(x.detach().requires_grad_(True))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        torch.manual_seed(0)
+        module.diffusion_loss(dict(BATCH))
+    assert any(grad_in_encoder[-len(module.unet.down_blocks) :])
+    assert ours < saved["bytes"]

@@ -496,3 +496,31 @@ def test_cached_latents_and_text_embeddings_give_the_online_loss(monkeypatch):
     module.proportion_empty_prompts = 1.0
     states, _ = module.cached_prompts(cached, drop_captions=True)
     torch.testing.assert_close(states, empty)
+
+
+def test_preemption_signal_checkpoints_stops_and_the_rerun_continues(train_cfg):
+    cfg = train_cfg()
+    run = Path(cfg.run_dir)
+    args = [sys.executable, "-m", "nemo_controlnet.cli.train", f"run_dir={run}", f"data.shards={cfg.data.shards}",
+            "data.synthetic=null", "data.num_workers=0", "data.batch_size=2", "trainer.max_steps=100000",
+            "checkpoint.every_n_steps=0", "validation.num_samples=0", "logger=none",
+            "trainer.enable_progress_bar=false"]  # fmt: skip
+    proc = subprocess.Popen(args, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while "first batch" not in ((run / "train.log").read_text() if (run / "train.log").exists() else ""):
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "training did not start"
+            time.sleep(0.05)
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGUSR1)  # SLURM's warning before the end of the allocation
+        assert proc.wait(timeout=120) == 0
+    finally:
+        proc.kill()
+    steps = [s for s, _ in list_checkpoints(run / "checkpoints")]
+    assert len(steps) == 1 and steps[0] > 0  # every_n_steps=0: only the preemption wrote one
+    assert not (run / "controlnet").exists()  # no final export from a preempted run
+    trainer, _ = train(train_cfg("checkpoint.every_n_steps=0", "validation.num_samples=0",
+                                 f"trainer.max_steps={steps[0] + 2}"))  # fmt: skip
+    assert trainer.global_step == steps[0] + 2

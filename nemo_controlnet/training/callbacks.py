@@ -221,3 +221,63 @@ class Throughput(L.Callback):
             if peak:
                 out["perf/mfu"] = tflops / peak
         return out
+
+
+class Preemption(L.Callback):
+    """On SIGUSR1 (SLURM's warning: ``#SBATCH --signal=USR1@120``) or SIGTERM: finish the step, write
+    ``checkpoints/step=N.ckpt``, stop, and requeue the job when under SLURM. The requeued job resumes
+    from that checkpoint at the same step. Ranks agree on stopping every ``check_every`` steps."""
+
+    SIGNALS = ("SIGUSR1", "SIGTERM")
+
+    def __init__(self, dirpath: str | Path, check_every: int = 10):
+        self.dirpath = Path(dirpath)
+        self.check_every = check_every
+        self.requested: int | None = None
+        self.stopped = False
+        self._step_at_batch_start = -1
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._step_at_batch_start = trainer.global_step
+
+    def setup(self, trainer, pl_module, stage):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                signal.signal(getattr(signal, name), self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = signum
+        log.warning("signal %d received: checkpoint at the end of this step, then stop", signum)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if step == self._step_at_batch_start:  # mid-accumulation: no optimizer step to save yet
+            return
+        if trainer.world_size > 1:
+            if step % self.check_every:
+                return
+            stop = trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False)
+        else:
+            stop = self.requested is not None
+        if not stop or self.stopped:
+            return
+        trainer.save_checkpoint(self.dirpath / checkpoint_name(step), weights_only=False)
+        trainer.should_stop = True
+        self.stopped = True
+        log.warning("preempted: checkpoint at step %d written, stopping", step)
+
+    def on_train_end(self, trainer, pl_module):
+        import os
+        import subprocess
+
+        job = os.environ.get("SLURM_JOB_ID")
+        if not (self.stopped and trainer.is_global_zero and job):
+            return
+        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+        if result.returncode == 0:
+            log.warning("requeued SLURM job %s", job)
+        else:
+            log.error("could not requeue SLURM job %s: %s", job, result.stderr.strip())

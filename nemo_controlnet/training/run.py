@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_controlnet import __version__
@@ -20,7 +21,7 @@ from nemo_controlnet.data.datamodule import ShardDataModule, validation_samples
 from nemo_controlnet.data.synthetic import write_shapes_dataset
 from nemo_controlnet.io import atomic_path
 from nemo_controlnet.models.formats import export_controlnet, export_original_controlnet
-from nemo_controlnet.training.callbacks import StepCheckpoint, Throughput, ValidationImages
+from nemo_controlnet.training.callbacks import Preemption, StepCheckpoint, Throughput, ValidationImages
 from nemo_controlnet.training.checkpoint import AtomicCheckpointIO, latest_checkpoint, list_checkpoints
 from nemo_controlnet.training.module import ControlNetModule
 from nemo_controlnet.training.perf import apply_performance
@@ -59,6 +60,13 @@ def _logger(cfg: DictConfig, run_dir: Path):
         # A new version folder per (resumed) segment: the CSV logger rewrites its directory's file.
         return CSVLogger(save_dir=str(run_dir), name="logs")
     return False
+
+
+def slurm_plugins() -> list:
+    """Under SLURM, Lightning's own requeue is off: ``Preemption`` checkpoints where resume looks."""
+    from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+    return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
 
 
 def check_resolution(module: ControlNetModule, resolution: int) -> None:
@@ -133,8 +141,10 @@ def train(cfg: DictConfig) -> tuple[L.Trainer, ControlNetModule]:
     prompts, hints = validation_samples(cfg.validation, cfg.data, int(cfg.model.hint_channels))
 
     logger = _logger(cfg, run_dir)
+    preemption = Preemption(ckpt_dir)
     callbacks = [
         StepCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last),
+        preemption,
         ValidationImages(
             run_dir / "samples",
             prompts,
@@ -153,12 +163,15 @@ def train(cfg: DictConfig) -> tuple[L.Trainer, ControlNetModule]:
             Throughput(perf.get("warmup_steps", 5), cfg.trainer.get("log_every_n_steps", 10),
                        perf.get("peak_tflops"), perf.get("count_flops", True))
         )  # fmt: skip
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if isinstance(trainer_kwargs.get("strategy"), dict):  # a strategy object from a _target_ node
+        trainer_kwargs["strategy"] = instantiate(cfg.trainer.strategy)
     trainer = L.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        **trainer_kwargs,
         default_root_dir=str(run_dir),
         logger=logger,
         callbacks=callbacks,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *slurm_plugins()],
         enable_checkpointing=False,  # StepCheckpoint writes them
         num_sanity_val_steps=0,
     )
@@ -181,7 +194,9 @@ def train(cfg: DictConfig) -> tuple[L.Trainer, ControlNetModule]:
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
-    if cfg.export.enabled and trainer.is_global_zero:
+    if preemption.stopped:
+        log.warning("preempted at step %d: export skipped (the requeued run exports at the end)", trainer.global_step)
+    elif cfg.export.enabled and trainer.is_global_zero:
         export_run(cfg, module, run_dir, trainer.global_step)
     return trainer, module
 
