@@ -27,9 +27,9 @@ def test_two_process_ddp_matches_one_process_and_resumes_on_one(train_cfg, shape
     args = [
         sys.executable, "-m", "nemo_controlnet.cli.train", f"run_dir={ddp_run}", f"data.shards={shapes_dir / 'train'}",
         "data.synthetic=null", "data.num_workers=0", "data.batch_size=2", "trainer=ddp_bf16",
-        "trainer.accelerator=cpu", "trainer.precision=32", "trainer.devices=2", f"trainer.max_steps={STEPS}", "trainer.log_every_n_steps=1",
-        "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=5", "validation.num_samples=0", "logger=csv",
-        "model.proportion_empty_prompts=0.0",
+        "trainer.accelerator=cpu", "trainer.precision=32", "trainer.devices=2", f"trainer.max_steps={STEPS}",
+        "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=5",
+        "validation.num_samples=0", "logger=csv", "model.proportion_empty_prompts=0.0",
     ]  # fmt: skip
     proc = subprocess.run(args, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
