@@ -43,9 +43,10 @@ def test_two_process_ddp_matches_one_process_and_resumes_on_one(train_cfg, shape
                            "model.proportion_empty_prompts=0.0"))  # fmt: skip
     ddp, single = _losses(ddp_run), _losses(single_run)
     assert len(ddp) == len(single) == STEPS
-    # Different samples and noise draws per step, the same model, data and global batch: the
-    # trajectories agree on average (seen: 1.142 vs 1.127), each rank on its own shards.
-    assert abs(sum(ddp) / STEPS - sum(single) / STEPS) < 0.05
+    # Rank 0's loss over its own batch of 2 against one process's batch of 4: different samples and
+    # noise each step, so the trajectories agree in distribution (seen: means 1.167 vs 1.126); a
+    # diverging or NaN run fails the bounds below. Checkpoints and resume are the exact checks.
+    assert abs(sum(ddp) / STEPS - sum(single) / STEPS) < 0.1
     assert all(0.5 < x < 2.0 for x in ddp)
 
     trainer, module = train(train_cfg(f"run_dir={ddp_run}", "data.batch_size=2", f"trainer.max_steps={STEPS + 2}",

@@ -158,15 +158,16 @@ class Throughput(L.Callback):
     """Logs samples/s, the fraction of step time spent waiting for data, peak memory, TFLOP/s and
     MFU. Model FLOPs per sample are counted once (torch.utils.flop_counter on the first batch,
     forward + backward, RNG and gradients left as they were); the first ``warmup_steps`` steps
-    (compilation, allocator growth) are not averaged."""
+    (compilation, allocator growth) are not averaged. The device is synchronized once per logging
+    window, never per step, so measuring does not slow the step."""
 
     def __init__(self, warmup_steps: int = 5, log_every_n_steps: int = 10, peak: float | None = None,
                  count_flops: bool = True):  # fmt: skip
         self.warmup_steps, self.every = warmup_steps, max(1, log_every_n_steps)
         self.peak, self.count_flops = peak, count_flops
         self.flops_per_sample: float | None = None
-        self._batch_end = self._batch_start = None
-        self._steps = self._samples = 0
+        self._batch_end = self._window_start = None
+        self._samples, self._last_logged = 0, -1
         self._busy = self._waiting = 0.0
 
     def _count(self, trainer, pl_module, batch) -> None:
@@ -188,30 +189,38 @@ class Throughput(L.Callback):
         log.info("model FLOPs per sample (forward + backward): %.3g", self.flops_per_sample)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        now = time.perf_counter()
         if self.count_flops and self.flops_per_sample is None:
             self._count(trainer, pl_module, batch)
-            now = time.perf_counter()
-        if self._batch_end is not None and trainer.global_step >= self.warmup_steps:
-            self._waiting += now - self._batch_end  # the loop was fetching this batch
-        self._batch_start = now
+        now = time.perf_counter()
+        if self._batch_end is not None and self._window_start is not None:
+            self._waiting += now - self._batch_end  # the host waited for this batch
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize()  # once a step: honest timings need the GPU to have finished
-        now = time.perf_counter()
-        if trainer.global_step > self.warmup_steps:
-            self._busy += now - self._batch_start
+        step = trainer.global_step
+        if step == self.warmup_steps and self._window_start is None:
+            self._sync(pl_module)  # the window starts after warm-up, with the device caught up
+            self._window_start = time.perf_counter()
+        elif self._window_start is not None:
             self._samples += len(batch["caption"]) * trainer.world_size
-            self._steps += 1
-        self._batch_end = now
-        if self._steps and trainer.global_step % self.every == 0 and trainer.logger is not None:
-            trainer.logger.log_metrics(self.metrics(pl_module), step=trainer.global_step)
+            if step % self.every == 0 and step != self._last_logged:
+                self._sync(pl_module)  # one sync a logging window: the device has finished its work
+                self._busy = time.perf_counter() - self._window_start
+                self._last_logged = step
+                if trainer.logger is not None:
+                    trainer.logger.log_metrics(self.metrics(pl_module), step=step)
+        self._batch_end = time.perf_counter()
+
+    @staticmethod
+    def _sync(pl_module) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
 
     def metrics(self, pl_module) -> dict:
-        total = self._busy + self._waiting
+        """Over the window since warm-up: samples/s of wall time, and the share of it the host
+        spent waiting for the loader."""
+        total = self._busy
         rate = self._samples / total if total else 0.0
-        out = {"perf/samples_per_s": rate, "perf/data_wait_fraction": self._waiting / total if total else 0.0}
+        out = {"perf/samples_per_s": rate, "perf/data_wait_fraction": min(1.0, self._waiting / total) if total else 0.0}
         if pl_module.device.type == "cuda":
             out["perf/peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
         if self.flops_per_sample:

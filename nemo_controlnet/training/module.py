@@ -103,8 +103,9 @@ class ControlNetModule(L.LightningModule):
         """Cached text embeddings, with caption dropout done by swapping in the empty prompt's."""
         states, pooled = batch["text_embeds"], batch.get("pooled_text_embeds")
         if drop_captions and self.proportion_empty_prompts > 0:
-            drop = (torch.rand(states.shape[0]) < self.proportion_empty_prompts).to(states.device)
-            if drop.any():
+            drop_cpu = torch.rand(states.shape[0]) < self.proportion_empty_prompts  # decided on the host: no sync
+            if drop_cpu.any():
+                drop = drop_cpu.to(states.device)
                 if self._empty_prompt is None:
                     self._empty_prompt = self.encode_prompts([""])
                 empty_states, empty_pooled = self._empty_prompt
@@ -124,10 +125,12 @@ class ControlNetModule(L.LightningModule):
         else:  # cached latents: the target size is the latent grid times the VAE's factor
             factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
             b, h, w = latents.shape[0], latents.shape[-2] * factor, latents.shape[-1] * factor
-        original = batch.get("original_size", torch.tensor([[h, w]] * b))
-        crop = batch.get("crop_top_left", torch.zeros(b, 2, dtype=torch.long))
-        target = torch.tensor([[h, w]] * b)
-        time_ids = torch.cat([original.cpu(), crop.cpu(), target], dim=1).to(self.device, pooled.dtype)
+        # Built where the batch is: no device-to-host copy (and sync) in the step.
+        device = pooled.device
+        size = torch.tensor([h, w], device=device).expand(b, 2)
+        original = batch.get("original_size", size).to(device)
+        crop = batch.get("crop_top_left", torch.zeros(b, 2, dtype=torch.long, device=device)).to(device)
+        time_ids = torch.cat([original, crop, size], dim=1).to(pooled.dtype)
         return {"text_embeds": pooled, "time_ids": time_ids}
 
     def drop_captions(self, captions: list[str]) -> list[str]:
@@ -196,10 +199,9 @@ class ControlNetModule(L.LightningModule):
             )
         loss = self.diffusion_loss(batch)
         self.data_position = tuple(batch["data_position"])
-        # Averaged over ranks (one tiny all-reduce a step) only when there are several.
-        multi = self._trainer is not None and self.trainer.world_size > 1
+        # Rank 0's loss: averaging over ranks would cost an all-reduce every step.
         size = (batch["latents"] if "latents" in batch else batch["image"]).shape[0]
-        self.log("train/loss", loss, prog_bar=True, batch_size=size, sync_dist=multi)
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
         return loss
 
     # -- optimizer -------------------------------------------------------------------------
