@@ -8,6 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from nemo_controlnet.training.checkpoint import list_checkpoints
 from nemo_controlnet.training.run import train
 
@@ -29,7 +32,8 @@ def test_two_process_ddp_matches_one_process_and_resumes_on_one(train_cfg, shape
         "data.synthetic=null", "data.num_workers=0", "data.batch_size=2", "trainer=ddp_bf16",
         "trainer.accelerator=cpu", "trainer.precision=32", "trainer.devices=2", f"trainer.max_steps={STEPS}",
         "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false", "checkpoint.every_n_steps=5",
-        "validation.num_samples=0", "logger=csv", "model.proportion_empty_prompts=0.0",
+        f"validation.shards={shapes_dir / 'val'}", "validation.num_samples=3", "validation.num_inference_steps=2",
+        "validation.every_n_steps=0", "logger=csv", "model.proportion_empty_prompts=0.0",
     ]  # fmt: skip
     proc = subprocess.run(args, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True,
                           text=True, timeout=600)  # fmt: skip
@@ -39,8 +43,14 @@ def test_two_process_ddp_matches_one_process_and_resumes_on_one(train_cfg, shape
 
     single_run = tmp_path / "single"
     _, _ = train(train_cfg(f"run_dir={single_run}", "data.batch_size=4", f"trainer.max_steps={STEPS}",
-                           "checkpoint.every_n_steps=5", "validation.num_samples=0",
+                           "checkpoint.every_n_steps=5", "validation.num_samples=3", "validation.every_n_steps=0",
                            "model.proportion_empty_prompts=0.0"))  # fmt: skip
+    # Validation split across the two ranks (2 + 1 samples) and gathered: the untrained grid is the
+    # one a single process draws, sample by sample (up to batch-size-dependent rounding).
+    ddp_grid = np.asarray(Image.open(ddp_run / "samples" / "step_0000000.png")).astype(int)
+    single_grid = np.asarray(Image.open(single_run / "samples" / "step_0000000.png")).astype(int)
+    assert ddp_grid.shape == single_grid.shape == (3 * 64, 128, 3)
+    assert np.abs(ddp_grid - single_grid).max() <= 2
     ddp, single = _losses(ddp_run), _losses(single_run)
     assert len(ddp) == len(single) == STEPS
     # Rank 0's loss over its own batch of 2 against one process's batch of 4: different samples and

@@ -46,18 +46,22 @@ def sample(
     num_inference_steps: int = 20,
     guidance_scale: float = 7.5,
     control_scale: float = 1.0,
-    seed: int = 0,
+    seed: int | list[int] = 0,
     dtype: torch.dtype = torch.float32,
     negative_prompt: str | None = None,
 ) -> np.ndarray:
     """Images (N, H, W, 3) uint8 for prompts and hints (N, C, H, W) in [0, 1] (the training range).
 
     Hints go in as tensors, so the pipeline sees exactly what training saw (its own image
-    preprocessing of a [0, 1] tensor is the identity).
+    preprocessing of a [0, 1] tensor is the identity). ``seed``: one for the batch, or one per
+    sample (then a sample's image does not depend on which others share its batch).
     """
     device = pipe.unet.device
     height, width = hints.shape[-2:]
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    if isinstance(seed, (list, tuple)):
+        generator = [torch.Generator(device="cpu").manual_seed(s) for s in seed]
+    else:
+        generator = torch.Generator(device="cpu").manual_seed(seed)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     with autocast:
         out = pipe(

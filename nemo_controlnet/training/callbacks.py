@@ -74,6 +74,8 @@ class ValidationImages(_EveryNOptimizerSteps):
 
     Runs under no_grad in eval mode and the compute dtype, restores train mode and the RNG state
     afterwards, and writes ``samples/step_NNNNNNN.png`` with one row per sample: hint | image.
+    With several ranks each samples every world-th prompt (seeded per sample, so an image does not
+    depend on the number of ranks) and rank 0 gathers and writes the grid.
     """
 
     def __init__(
@@ -97,38 +99,44 @@ class ValidationImages(_EveryNOptimizerSteps):
         if trainer.global_step == 0:  # the untrained baseline, to compare later grids with
             self._fire(trainer, pl_module, 0)
 
+    def _gather(self, trainer, pl_module, images, n: int):
+        """Every rank's slice to every rank (padded to one size), back in the prompts' order."""
+        world = trainer.world_size
+        h, w = self.hints.shape[-2:]
+        padded = torch.zeros(-(-n // world), h, w, 3, dtype=torch.uint8, device=pl_module.device)
+        if images is not None:
+            padded[: len(images)] = torch.from_numpy(images).to(pl_module.device)
+        gathered = trainer.strategy.all_gather(padded)  # (world, per rank, h, w, 3)
+        return [gathered[i % world, i // world].cpu().numpy() for i in range(n)]
+
     def fire(self, trainer, pl_module, step: int) -> None:
-        if not trainer.is_global_zero or not self.prompts:
+        if not self.prompts:
             return
         start = time.time()
+        n, world, rank = len(self.prompts), trainer.world_size, trainer.global_rank
+        mine = list(range(rank, n, world))  # each rank samples a slice; rank 0 assembles the grid
         was_training = pl_module.training
         pl_module.eval()
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices):
                 pipe = controlnet_pipeline(
-                    pl_module.unet,
-                    pl_module.controlnet,
-                    pl_module.vae,
-                    pl_module.text_encoder,
-                    pl_module.tokenizer,
-                    pl_module.noise_scheduler.config,
-                    self.sampler,
-                    pl_module.text_encoder_2,
-                    pl_module.tokenizer_2,
-                )
+                    pl_module.unet, pl_module.controlnet, pl_module.vae, pl_module.text_encoder,
+                    pl_module.tokenizer, pl_module.noise_scheduler.config, self.sampler,
+                    pl_module.text_encoder_2, pl_module.tokenizer_2,
+                )  # fmt: skip
                 images = sample(
-                    pipe,
-                    self.prompts,
-                    self.hints,
-                    num_inference_steps=self.num_inference_steps,
-                    guidance_scale=self.guidance_scale,
-                    control_scale=pl_module.control_scale,
-                    seed=self.seed,
+                    pipe, [self.prompts[i] for i in mine], self.hints[mine],
+                    num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
+                    control_scale=pl_module.control_scale, seed=[self.seed + i for i in mine],
                     dtype=pl_module.locked_dtype,
-                )
+                ) if mine else None  # fmt: skip
         finally:
             pl_module.train(was_training)
+        if world > 1:
+            images = self._gather(trainer, pl_module, images, n)
+        if not trainer.is_global_zero:
+            return
         picture = grid([[hint_to_uint8(h), img] for h, img in zip(self.hints, images, strict=True)])
         path = self.out_dir / f"step_{step:07d}.png"
         with atomic_path(path) as tmp:
