@@ -25,12 +25,12 @@ log = logging.getLogger(__name__)
 def resolve_controlnet(path: str | Path) -> tuple[Path, Path | None]:
     """(ControlNet directory, trained UNet directory or None) from a run_dir or a ControlNet dir."""
     path = Path(path)
-    if (path / "controlnet" / "config.json").is_file():
-        unet = path / "unet"
-        return path / "controlnet", unet if (unet / "config.json").is_file() else None
+    if (path / "controlnet" / "config.json").is_file():  # a run_dir
+        path = path / "controlnet"
     if (path / "config.json").is_file():
-        unet = path.parent / "unet"
-        return path, unet if (path.parent / "controlnet" == path and (unet / "config.json").is_file()) else None
+        unet = path.parent / "unet"  # written beside controlnet/ when the decoder was unlocked
+        has_unet = path.name == "controlnet" and (unet / "config.json").is_file()
+        return path, unet if has_unet else None
     raise FileNotFoundError(
         f"controlnet={path}: neither a run_dir with controlnet/ nor a diffusers ControlNet directory"
     )

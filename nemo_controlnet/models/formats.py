@@ -129,6 +129,11 @@ def export_original_controlnet(controlnet: ControlNetModel, path: str | Path, dt
     return path
 
 
+def _original_prefix(keys) -> str:
+    """``control_model.`` when the file uses it (A1111 exports), else "" (bare ldm keys)."""
+    return ORIGINAL_PREFIX if any(k.startswith(ORIGINAL_PREFIX) for k in keys) else ""
+
+
 def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors from ``.safetensors``, or from a pickled ``.ckpt``/``.pth`` with ``weights_only=True``:
     a pickle that would run code is refused."""
@@ -148,7 +153,7 @@ def load_original_controlnet(path: str | Path, config: dict) -> ControlNetModel:
     """An original-format ControlNet file (``control_model.*`` keys, or bare ldm keys) loaded into a
     diffusers ControlNet of ``config``, through diffusers' own converter."""
     state = load_state_dict_file(path)
-    if not any(k.startswith(ORIGINAL_PREFIX) for k in state):
+    if not _original_prefix(state):
         state = {ORIGINAL_PREFIX + k: v for k, v in state.items()}
     with tempfile.TemporaryDirectory() as tmp:  # from_single_file reads the config from a directory
         (Path(tmp) / "config.json").write_text(json.dumps(config, default=str))
@@ -169,11 +174,11 @@ def original_controlnet_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:
     if path.suffix == ".safetensors":
         with safe_open(str(path), "pt") as f:
             keys = set(f.keys())
-            prefix = ORIGINAL_PREFIX if any(k.startswith(ORIGINAL_PREFIX) for k in keys) else ""
+            prefix = _original_prefix(keys)
             shape = {k: tuple(f.get_slice(prefix + k).get_shape()) for k, _ in wanted.values() if prefix + k in keys}
     else:
         state = load_state_dict_file(path)  # memory-mapped: shapes without reading the tensors
-        prefix = ORIGINAL_PREFIX if any(k.startswith(ORIGINAL_PREFIX) for k in state) else ""
+        prefix = _original_prefix(state)
         shape = {k: tuple(state[prefix + k].shape) for k, _ in wanted.values() if prefix + k in state}
     return {name: shape[k][dim] for name, (k, dim) in wanted.items() if k in shape}
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from torch.utils.flop_counter import FlopCounterMode
 from PIL import Image
 
 from nemo_controlnet.inference.pipeline import controlnet_pipeline, grid, hint_to_uint8, sample
@@ -18,21 +19,29 @@ from nemo_controlnet.training.checkpoint import checkpoint_name, list_checkpoint
 log = logging.getLogger(__name__)
 
 
-class _EveryNOptimizerSteps(L.Callback):
-    """Fires right after every N-th optimizer step (never mid-accumulation), and at the end."""
+class _StepBoundary(L.Callback):
+    """Knows whether the batch that just ended finished an optimizer step (with gradient
+    accumulation, most batches do not): the only moments a checkpoint is consistent."""
 
-    def __init__(self, every_n_steps: int):
-        self.every_n_steps = every_n_steps
-        self._step_at_batch_start = -1
-        self._last_fired = -1
+    _step_at_batch_start = -1
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self._step_at_batch_start = trainer.global_step
 
+    def stepped(self, trainer) -> bool:
+        return trainer.global_step != self._step_at_batch_start
+
+
+class _EveryNOptimizerSteps(_StepBoundary):
+    """Fires right after every N-th optimizer step (never mid-accumulation), and at the end."""
+
+    def __init__(self, every_n_steps: int):
+        self.every_n_steps = every_n_steps
+        self._last_fired = -1
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
-        stepped = step != self._step_at_batch_start  # an optimizer step happened in this batch
-        if stepped and self.every_n_steps > 0 and step % self.every_n_steps == 0:
+        if self.stepped(trainer) and self.every_n_steps > 0 and step % self.every_n_steps == 0:
             self._fire(trainer, pl_module, step)
 
     def on_train_end(self, trainer, pl_module):
@@ -179,17 +188,12 @@ class Throughput(L.Callback):
         self._busy = self._waiting = 0.0
 
     def _count(self, trainer, pl_module, batch) -> None:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        from nemo_controlnet.data.transforms import normalize_batch
-
-        batch = normalize_batch({k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()},
-                                pl_module.control_key)  # fmt: skip
+        # The batch is already on the device and normalized (on_after_batch_transfer ran).
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         # Under the trainer's precision context (autocast), as the real step runs.
         with torch.random.fork_rng(devices=devices), FlopCounterMode(display=False) as counter:
             with trainer.precision_plugin.forward_context():
-                loss = pl_module.diffusion_loss(batch)
+                loss = pl_module.diffusion_loss(dict(batch))
             loss.backward()
         for p in pl_module.parameters():
             p.grad = None
@@ -240,7 +244,7 @@ class Throughput(L.Callback):
         return out
 
 
-class Preemption(L.Callback):
+class Preemption(_StepBoundary):
     """On SIGUSR1 (SLURM's warning: ``#SBATCH --signal=USR1@120``) or SIGTERM: finish the step, write
     ``checkpoints/step=N.ckpt``, stop, and requeue the job when under SLURM. The requeued job resumes
     from that checkpoint at the same step. Ranks agree on stopping every ``check_every`` steps."""
@@ -252,10 +256,6 @@ class Preemption(L.Callback):
         self.check_every = check_every
         self.requested: int | None = None
         self.stopped = False
-        self._step_at_batch_start = -1
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self._step_at_batch_start = trainer.global_step
 
     def setup(self, trainer, pl_module, stage):
         import signal
@@ -271,7 +271,7 @@ class Preemption(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
-        if step == self._step_at_batch_start:  # mid-accumulation: no optimizer step to save yet
+        if not self.stepped(trainer):  # mid-accumulation: no optimizer step to save yet
             return
         if trainer.world_size > 1:
             if step % self.check_every:
