@@ -84,3 +84,34 @@ def test_bad_override_names_the_key(tmp_path):
     )
     assert proc.returncode != 0
     assert "optim.lr=-1" in proc.stderr
+
+
+def test_slurm_launcher_config_renders_one_task_per_gpu_with_preemption_signal(tmp_path, monkeypatch):
+    """hydra/launcher=slurm, through hydra-submitit-launcher's parameter mapping into the sbatch
+    script submitit would submit (a stub srun on PATH stands in for the cluster)."""
+    import submitit
+    from hydra import compose, initialize_config_module
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from omegaconf import OmegaConf
+
+    stub = tmp_path / "bin" / "srun"
+    stub.parent.mkdir()
+    stub.write_text("#!/bin/sh\nexit 0\n")
+    stub.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{stub.parent}:{os.environ['PATH']}")
+    overrides = ["hydra/launcher=slurm", "trainer=ddp_bf16", "trainer.num_nodes=4", f"run_dir={tmp_path / 'run'}",
+                 "hydra.launcher.partition=gpu"]  # fmt: skip
+    with initialize_config_module(config_module="nemo_controlnet.conf", version_base="1.3"):
+        cfg = compose(config_name="train", overrides=overrides, return_hydra_config=True)
+    params = OmegaConf.to_container(cfg.hydra.launcher, resolve=True)
+    assert params["_target_"].endswith("SlurmLauncher") and params["max_num_timeout"] == 0
+    # The launcher's own mapping (hydra_submitit_launcher.submitit_launcher.BaseSubmititLauncher.launch).
+    executor = submitit.AutoExecutor(folder=params["submitit_folder"], cluster="slurm", slurm_max_num_timeout=0)
+    base = set(OmegaConf.structured(BaseQueueConf).keys())
+    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()
+                                  if k not in ("_target_", "submitit_folder", "max_num_timeout")})  # fmt: skip
+    script = executor._executor._make_submission_file_text("python -u -m submitit.core._submit", "uid")
+    for line in ("--nodes=4", "--ntasks-per-node=8", "--gpus-per-node=8", "--signal=USR1@120", "--partition=gpu",
+                 f"--output={tmp_path / 'run' / 'submitit'}"):  # fmt: skip
+        assert f"#SBATCH {line}" in script, line
+    assert "export NCCL_ASYNC_ERROR_HANDLING=1" in script and "USR2" not in script  # one signal: ours

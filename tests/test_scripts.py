@@ -28,3 +28,14 @@ def test_bench_train_compares_baseline_and_ours():
     )
     assert [r["config"] for r in rows] == ["baseline", "ours online", "ours cached"]
     assert all(r["samples_per_s"] > 0 and r["tflops"] > 0 for r in rows)
+
+
+def test_scaling_counts_the_real_controlnet_and_uses_measured_step_times():
+    rows = _load("scaling").main(["--models", "sd15", "--step-ms", "sd15=200"])
+    assert [r["gpus"] for r in rows] == [8, 64, 512]
+    assert rows[0]["params"] == 361_279_120 and rows[0]["step_s"] == 0.2 and rows[0]["source"] == "measured"
+    # 2 bytes per gradient, ring all-reduce over 450 GB/s NVLink, then 40 GB/s InfiniBand
+    assert abs(rows[0]["allreduce_s"] - 2 * 7 / 8 * 361_279_120 * 2 / 450e9) < 1e-9
+    assert rows[1]["allreduce_s"] > 10 * rows[0]["allreduce_s"]
+    assert all(r["no_overlap"] <= r["overlapped"] <= 1 for r in rows) and rows[1]["no_overlap"] < rows[0]["no_overlap"]
+    assert 0 < rows[0]["controlnet_forward"] < rows[0]["forward"] < rows[0]["backward"] + rows[0]["forward"]

@@ -27,9 +27,15 @@ log = logging.getLogger(__name__)
 
 
 def make_decoder(
-    data_cfg: DictConfig, hint_channels: int, control_key: str = "hint", seed: int = 0, augment: bool = True
+    data_cfg: DictConfig,
+    hint_channels: int,
+    control_key: str = "hint",
+    seed: int = 0,
+    augment: bool = True,
+    cached: bool = False,
 ) -> SampleDecoder:
-    """The decoder a data config describes; ``augment=False`` for validation (center crop, no flip)."""
+    """The decoder a data config describes; ``augment=False`` for validation (center crop, no flip);
+    ``cached`` for shards with cached latents (``data.encode.cached_encoding`` checked them)."""
     hint_cfg = data_cfg.get("hint") or {}
     on_the_fly = bool(hint_cfg.get("on_the_fly", False))
     folder = data_cfg.get("folder")
@@ -49,6 +55,7 @@ def make_decoder(
         detector=detector,
         regenerate=on_the_fly and not folder,  # a folder prefers its precomputed hints
         seed=seed,
+        cached=cached,
     )
 
 
@@ -72,10 +79,12 @@ def make_sources(data_cfg: DictConfig) -> list[tuple[object, float]]:
 
 
 class ShardDataModule(L.LightningDataModule):
-    def __init__(self, data_cfg: DictConfig, hint_channels: int, seed: int, control_key: str = "hint"):
+    def __init__(
+        self, data_cfg: DictConfig, hint_channels: int, seed: int, control_key: str = "hint", cached: bool = False
+    ):
         super().__init__()
         self.cfg = data_cfg
-        self.decoder = make_decoder(data_cfg, hint_channels, control_key, seed)
+        self.decoder = make_decoder(data_cfg, hint_channels, control_key, seed, cached=cached)
         self.seed = seed
         self.resume_position: tuple[int, int] = (0, -1)
         self.sources: list[tuple[object, float]] = []

@@ -86,3 +86,13 @@ def decode_caption(data: bytes | str | None, required: bool = True) -> str:
         return data.decode("utf-8").strip()
     except UnicodeDecodeError as e:
         raise BadSample("caption_not_utf8", str(e)) from e
+
+
+def read_npy(data: bytes | None, what: str) -> np.ndarray:
+    """A cached array member (``.npy``; never unpickled)."""
+    if data is None:
+        raise BadSample(f"missing_{what}")
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:
+        raise BadSample(f"corrupt_{what}", f"{type(e).__name__}: {e}") from e

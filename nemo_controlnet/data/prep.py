@@ -1,5 +1,6 @@
 """``controlnet-prep``: sources -> hints -> tar shards + manifest; resumable, parallel, SLURM-array
-friendly. Also ``mode=precompute`` (hint files beside an image folder) and ``mode=merge``."""
+friendly. Also ``mode=precompute`` (hint files beside an image folder), ``mode=merge``, and
+``mode=encode`` (cached latents and text embeddings; ``data/encode.py``)."""
 
 from __future__ import annotations
 
@@ -335,7 +336,9 @@ def precompute(cfg: DictConfig) -> dict:
 
 
 def run_prep(cfg: DictConfig) -> dict:
-    modes = {"shards": make_shards, "merge": merge, "precompute": precompute}
+    from nemo_controlnet.data.encode import encode_shards  # imports the model stack
+
+    modes = {"shards": make_shards, "merge": merge, "precompute": precompute, "encode": encode_shards}
     if cfg.mode not in modes:
         raise ValueError(f"mode={cfg.mode!r}: use one of {sorted(modes)}")
     if cfg.mode != "precompute" and not cfg.get("out_dir"):

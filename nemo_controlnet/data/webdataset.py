@@ -33,7 +33,7 @@ import webdataset as wds
 from webdataset.filters import _shuffle
 from webdataset.utils import pytorch_worker_info
 
-from nemo_controlnet.data.decode import BadSample, decode_caption, load_image, open_image
+from nemo_controlnet.data.decode import BadSample, decode_caption, load_image, open_image, read_npy
 from nemo_controlnet.data.transforms import ResizeCrop, to_uint8_chw
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,7 @@ class SampleDecoder:
         detector: Callable | None = None,
         regenerate: bool = False,
         seed: int = 0,
+        cached: bool = False,
     ):
         self.resolution = resolution
         self.image_key, self.hint_key, self.caption_key = image_key, hint_key, caption_key
@@ -112,12 +113,35 @@ class SampleDecoder:
             raise ValueError("regenerating hints needs a detector")
         self.seed = seed
         self.epoch = 0
+        self.cached = cached  # shards of controlnet-prep mode=encode: latents and text embeddings, no image
+
+    def cached_sample(self, sample: dict, key: str) -> dict:
+        """Cached posterior and text embeddings, the hint as stored (already cropped with the latent)."""
+        hint = load_image(open_image(sample.get(self.hint_key), "hint"), "hint", gray_ok=True)[0]
+        if hint.size != (self.resolution, self.resolution):
+            raise BadSample("size_mismatch", f"hint {hint.size} is not {self.resolution}px square")
+        meta = json.loads(sample["json"]) if sample.get("json") else {}
+        sdxl = meta.get("sdxl") or {}
+        out = {
+            "latent_dist": torch.from_numpy(read_npy(sample.get("latent.npy"), "latent")),
+            "text_embeds": torch.from_numpy(read_npy(sample.get("text.npy"), "text_embeds")),
+            self.control_key: to_uint8_chw(hint, self.hint_channels),
+            "caption": decode_caption(sample.get(self.caption_key), required=False),
+            "key": key,
+            "original_size": torch.tensor(sdxl.get("original_size", (self.resolution, self.resolution))),
+            "crop_top_left": torch.tensor(sdxl.get("crop_top_left", (0, 0))),
+        }
+        if "pooled.npy" in sample:
+            out["pooled_text_embeds"] = torch.from_numpy(read_npy(sample["pooled.npy"], "pooled"))
+        return out
 
     def __call__(self, sample: dict) -> dict:
         key = sample.get("__key__", "?")
         where = f"{sample.get('__url__', '?')}:{key}"
         rng = random.Random(f"{self.seed}-{self.epoch}-{key}")
         try:
+            if self.cached:
+                return self.cached_sample(sample, key)
             image = open_image(sample.get(self.image_key), "image")
             stored = None if self.regenerate else sample.get(self.hint_key)
             if stored is None and self.detector is None:

@@ -50,6 +50,41 @@ class LockedStack:
     def text_encoders(self) -> list[torch.nn.Module]:
         return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
 
+    def encode_prompts(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return encode_prompts(self.text_encoder, self.tokenizer, self.text_encoder_2, self.tokenizer_2, captions)
+
+
+def _token_ids(tokenizer: CLIPTokenizer, captions: list[str], device: torch.device) -> torch.Tensor:
+    return tokenizer(
+        captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(device)
+
+
+def encode_prompts(
+    text_encoder: torch.nn.Module,
+    tokenizer: CLIPTokenizer,
+    text_encoder_2: torch.nn.Module | None,
+    tokenizer_2: CLIPTokenizer | None,
+    captions: list[str],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(encoder hidden states, pooled embedding or None), on the encoders' device. SDXL, as its
+    pipelines do: both encoders' penultimate hidden states side by side, pooled from the second
+    (projected) one. Training and ``controlnet-prep mode=encode`` share this."""
+    device = next(text_encoder.parameters()).device
+    if text_encoder_2 is None:
+        return text_encoder(_token_ids(tokenizer, captions, device))[0], None
+    states, pooled = [], None
+    for encoder, tok in ((text_encoder, tokenizer), (text_encoder_2, tokenizer_2)):
+        out = encoder(_token_ids(tok, captions, device), output_hidden_states=True)
+        pooled = out[0]
+        states.append(out.hidden_states[-2])
+    return torch.cat(states, dim=-1), pooled
+
+
+def encoder_fingerprint(vae: torch.nn.Module, *text_encoders: torch.nn.Module) -> str:
+    """What cached latents and text embeddings depend on: the VAE and the text encoders."""
+    return fingerprint(vae, *text_encoders)
+
 
 def _instantiate_seeded(node: DictConfig, seed: int, name: str):
     # Seeding right before each component makes its random init independent of the others' order.
@@ -117,7 +152,8 @@ def fingerprint(*modules: torch.nn.Module) -> str:
             step = max(1, flat.numel() // 256)
             h.update(name.encode())
             h.update(str(tuple(tensor.shape)).encode())
-            h.update(flat[::step].float().cpu().numpy().tobytes())
+            if not flat.is_meta:  # (a module built on the meta device, for counting: shapes only)
+                h.update(flat[::step].float().cpu().numpy().tobytes())
     return h.hexdigest()[:16]
 
 

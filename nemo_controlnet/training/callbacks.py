@@ -14,6 +14,7 @@ from PIL import Image
 
 from nemo_controlnet.inference.pipeline import controlnet_pipeline, grid, hint_to_uint8, sample
 from nemo_controlnet.io import atomic_path
+from nemo_controlnet.training.distributed import full_controlnet
 from nemo_controlnet.training.checkpoint import checkpoint_name, list_checkpoints
 
 log = logging.getLogger(__name__)
@@ -129,8 +130,11 @@ class ValidationImages(_EveryNOptimizerSteps):
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
         try:
             with torch.random.fork_rng(devices=devices):
+                # A plain ControlNet (under FSDP: gathered on every rank; a collective, so before
+                # any rank may skip sampling).
+                controlnet = full_controlnet(trainer, pl_module, everywhere=True)
                 pipe = controlnet_pipeline(
-                    pl_module.unet, pl_module.controlnet, pl_module.vae, pl_module.text_encoder,
+                    pl_module.unet, controlnet, pl_module.vae, pl_module.text_encoder,
                     pl_module.tokenizer, pl_module.noise_scheduler.config, self.sampler,
                     pl_module.text_encoder_2, pl_module.tokenizer_2,
                 )  # fmt: skip

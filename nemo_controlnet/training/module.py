@@ -7,13 +7,22 @@ import logging
 import lightning as L
 import torch
 import torch.nn.functional as F
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from nemo_controlnet.data.transforms import normalize_batch
+from nemo_controlnet.training.distributed import clean_name, is_fsdp
 from nemo_controlnet.models.controlnet import controlled_unet_forward, set_only_mid_control, unet_decoder_modules
-from nemo_controlnet.models.stack import build_stack, compute_dtype, fingerprint, freeze
+from nemo_controlnet.models.stack import (
+    build_stack,
+    compute_dtype,
+    encode_prompts,
+    encoder_fingerprint,
+    fingerprint,
+    freeze,
+)
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +46,7 @@ class ControlNetModule(L.LightningModule):
         self.prediction_type = self.noise_scheduler.config.prediction_type
         # Identity of the base as built from config, before any of it trains.
         self.base_fingerprint = fingerprint(self.unet, self.vae, *stack.text_encoders())
+        self.encoder_fingerprint = encoder_fingerprint(self.vae, *stack.text_encoders())  # cached latents' check
         self.controlnet = instantiate(
             model_cfg.control_stage_config, unet=self.unet, hint_channels=int(model_cfg.hint_channels)
         )
@@ -66,7 +76,8 @@ class ControlNetModule(L.LightningModule):
         return [m for m in (self.vae, self.text_encoder, self.text_encoder_2, self.unet) if m is not None]
 
     def trainable_named_parameters(self) -> dict[str, torch.nn.Parameter]:
-        return {n: p for n, p in self.named_parameters() if p.requires_grad}
+        # Names as checkpoints store them, also when FSDP or checkpointing wrappers sit in the path.
+        return {clean_name(n): p for n, p in self.named_parameters() if p.requires_grad}
 
     def unet_decoder_parameters(self) -> list[torch.nn.Parameter]:
         return [p for m in unet_decoder_modules(self.unet) for p in m.parameters()]
@@ -82,26 +93,14 @@ class ControlNetModule(L.LightningModule):
         return self
 
     # -- the step --------------------------------------------------------------------------
-    def _ids(self, tokenizer, captions: list[str]) -> torch.Tensor:
-        return tokenizer(
-            captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(self.device)
-
     def encode_prompts(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(encoder hidden states, pooled embedding or None). SDXL, as its pipelines do: both
-        encoders' penultimate hidden states side by side, pooled from the second (projected) one."""
-        if self.text_encoder_2 is None:
-            return self.text_encoder(self._ids(self.tokenizer, captions))[0], None
-        states, pooled = [], None
-        for encoder, tokenizer in ((self.text_encoder, self.tokenizer), (self.text_encoder_2, self.tokenizer_2)):
-            out = encoder(self._ids(tokenizer, captions), output_hidden_states=True)
-            pooled = out[0]
-            states.append(out.hidden_states[-2])
-        return torch.cat(states, dim=-1), pooled
+        return encode_prompts(self.text_encoder, self.tokenizer, self.text_encoder_2, self.tokenizer_2, captions)
 
     def cached_prompts(self, batch: dict, drop_captions: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Cached text embeddings, with caption dropout done by swapping in the empty prompt's."""
-        states, pooled = batch["text_embeds"], batch.get("pooled_text_embeds")
+        # Stored in float16: run in the locked parts' dtype, as freshly encoded ones would be.
+        states, pooled = batch["text_embeds"].to(self.locked_dtype), batch.get("pooled_text_embeds")
+        pooled = pooled.to(self.locked_dtype) if pooled is not None else None
         if drop_captions and self.proportion_empty_prompts > 0:
             drop_cpu = torch.rand(states.shape[0]) < self.proportion_empty_prompts  # decided on the host: no sync
             if drop_cpu.any():
@@ -144,7 +143,10 @@ class ControlNetModule(L.LightningModule):
         hint = batch[self.control_key]
         with torch.no_grad():
             # fp32 from here: noise and target keep full precision even when the VAE runs in bf16.
-            if "latents" in batch:  # cached (already scaled): the VAE encoder is not run
+            if "latent_dist" in batch:  # cached posterior (controlnet-prep mode=encode): sampled as online
+                posterior = DiagonalGaussianDistribution(batch["latent_dist"].float())
+                latents = posterior.sample() * self.vae.config.scaling_factor
+            elif "latents" in batch:  # cached and already scaled: the VAE encoder is not run
                 latents = batch["latents"].float()
             else:
                 image = batch["image"].to(self.locked_dtype)
@@ -155,7 +157,11 @@ class ControlNetModule(L.LightningModule):
                 captions = self.drop_captions(batch["caption"]) if drop_captions else list(batch["caption"])
                 encoder_hidden_states, pooled = self.encode_prompts(captions)
             added_cond_kwargs = self.micro_conditioning(batch, pooled, latents)
-        noise = torch.randn_like(latents)
+            layout = torch.channels_last if self.channels_last else torch.contiguous_format
+            latents = latents.contiguous(memory_format=layout)
+        # Not randn_like: that fills in memory order, so the noise would depend on the latents'
+        # layout (channels_last, or the strided view the VAE returns), not only on the seed.
+        noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)
         timesteps = torch.randint(
             0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
         )
@@ -185,7 +191,7 @@ class ControlNetModule(L.LightningModule):
         # The loader sends uint8; the floats of the contract are made here, on the device.
         batch = normalize_batch(batch, self.control_key)
         if self.channels_last:
-            for key in ("image", self.control_key, "latents"):
+            for key in ("image", self.control_key, "latents", "latent_dist"):
                 if key in batch:
                     batch[key] = batch[key].contiguous(memory_format=torch.channels_last)
         return batch
@@ -200,7 +206,7 @@ class ControlNetModule(L.LightningModule):
         loss = self.diffusion_loss(batch)
         self.data_position = tuple(batch["data_position"])
         # Rank 0's loss: averaging over ranks would cost an all-reduce every step.
-        size = (batch["latents"] if "latents" in batch else batch["image"]).shape[0]
+        size = len(batch["caption"])
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
         return loss
 
@@ -225,6 +231,14 @@ class ControlNetModule(L.LightningModule):
             o.lr_scheduler, optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=self.trainer.max_steps
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # Lightning's FSDP precision refuses norm clipping; FSDP's own clip computes the norm over
+        # all shards (a plain per-rank clip would use each rank's partial norm).
+        if gradient_clip_val and is_fsdp(self.trainer.strategy) and gradient_clip_algorithm in (None, "norm"):
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -- checkpoints -----------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

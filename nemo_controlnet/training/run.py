@@ -18,10 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 from nemo_controlnet import __version__
 from nemo_controlnet.config import validate_train_config
 from nemo_controlnet.data.datamodule import ShardDataModule, validation_samples
+from nemo_controlnet.data.encode import cached_encoding, check_encoder
 from nemo_controlnet.data.synthetic import write_shapes_dataset
 from nemo_controlnet.io import atomic_path
 from nemo_controlnet.models.formats import export_controlnet, export_original_controlnet
 from nemo_controlnet.training.callbacks import Preemption, StepCheckpoint, Throughput, ValidationImages
+from nemo_controlnet.training.distributed import configure_fsdp, full_controlnet, is_fsdp
 from nemo_controlnet.training.checkpoint import AtomicCheckpointIO, latest_checkpoint, list_checkpoints
 from nemo_controlnet.training.module import ControlNetModule
 from nemo_controlnet.training.perf import apply_performance
@@ -96,19 +98,23 @@ def export_metadata(cfg: DictConfig, module: ControlNetModule, step: int) -> dic
     }
 
 
-def export_run(cfg: DictConfig, module: ControlNetModule, run_dir: Path, step: int) -> Path:
+def export_run(
+    cfg: DictConfig, module: ControlNetModule, run_dir: Path, step: int, controlnet: torch.nn.Module | None = None
+) -> Path:
     """run_dir/controlnet (diffusers, with model card and the newest validation grid) and, with
-    ``export.original``, run_dir/control_<run name>.safetensors for A1111 and ComfyUI."""
+    ``export.original``, run_dir/control_<run name>.safetensors for A1111 and ComfyUI.
+    ``controlnet``: the whole ControlNet when the module's is sharded (``full_controlnet``)."""
+    controlnet = module.controlnet if controlnet is None else controlnet
     unet = None if module.sd_locked else module.unet
     grids = sorted((run_dir / "samples").glob("step_*.png"))
     out = export_controlnet(
-        module.controlnet, run_dir / "controlnet", export_metadata(cfg, module, step), unet=unet,
+        controlnet, run_dir / "controlnet", export_metadata(cfg, module, step), unet=unet,
         grid=grids[-1] if grids else None,
     )  # fmt: skip
     if cfg.export.get("original"):
         try:
             export_original_controlnet(
-                module.controlnet, run_dir / f"control_{run_dir.resolve().name}.safetensors", cfg.export.dtype
+                controlnet, run_dir / f"control_{run_dir.resolve().name}.safetensors", cfg.export.dtype
             )
         except ValueError as e:  # the diffusers export above is written; do not fail the run here
             log.error("original-format export skipped: %s", e)
@@ -124,6 +130,11 @@ def train(cfg: DictConfig) -> tuple[L.Trainer, ControlNetModule]:
 
     # Safe on every rank at once: shards are deterministic and each is renamed into place whole.
     ensure_synthetic_data(cfg.data)
+    encoded = cached_encoding(cfg.data)  # shards with cached latents: checked before any model is built
+    if encoded:
+        log.info("cached latents and text embeddings from %s (encoders %s, %d px): the VAE encoder and text "
+                 "encoders are not run in the step", encoded["manifest"], encoded["fingerprint"],
+                 encoded["resolution"])  # fmt: skip
     ckpt_path = latest_checkpoint(ckpt_dir) if cfg.resume else None
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
@@ -137,7 +148,11 @@ def train(cfg: DictConfig) -> tuple[L.Trainer, ControlNetModule]:
     L.seed_everything(cfg.seed, workers=True)
     module = ControlNetModule(cfg.model, cfg.optim, cfg.trainer.precision, seed=int(cfg.seed))
     check_resolution(module, int(cfg.data.resolution))
-    datamodule = ShardDataModule(cfg.data, int(cfg.model.hint_channels), int(cfg.seed), cfg.model.control_key)
+    if encoded:
+        check_encoder(encoded, module.encoder_fingerprint)
+    datamodule = ShardDataModule(
+        cfg.data, int(cfg.model.hint_channels), int(cfg.seed), cfg.model.control_key, cached=bool(encoded)
+    )
     prompts, hints = validation_samples(cfg.validation, cfg.data, int(cfg.model.hint_channels))
 
     logger = _logger(cfg, run_dir)
@@ -157,15 +172,18 @@ def train(cfg: DictConfig) -> tuple[L.Trainer, ControlNetModule]:
         ),
     ]
     perf = cfg.get("perf") or {}
-    if logger:
-        callbacks.append(LearningRateMonitor(logging_interval="step"))
-        callbacks.append(
-            Throughput(perf.get("warmup_steps", 5), cfg.trainer.get("log_every_n_steps", 10),
-                       perf.get("peak_tflops"), perf.get("count_flops", True))
-        )  # fmt: skip
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if isinstance(trainer_kwargs.get("strategy"), dict):  # a strategy object from a _target_ node
         trainer_kwargs["strategy"] = instantiate(cfg.trainer.strategy)
+        configure_fsdp(trainer_kwargs["strategy"], module)
+    if logger:
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+        # Counting FLOPs runs one step outside the trainer; FSDP's units cannot be run that way.
+        count_flops = bool(perf.get("count_flops", True)) and not is_fsdp(trainer_kwargs.get("strategy"))
+        callbacks.append(
+            Throughput(perf.get("warmup_steps", 5), cfg.trainer.get("log_every_n_steps", 10),
+                       perf.get("peak_tflops"), count_flops)
+        )  # fmt: skip
     trainer = L.Trainer(
         **trainer_kwargs,
         default_root_dir=str(run_dir),
@@ -196,8 +214,10 @@ def train(cfg: DictConfig) -> tuple[L.Trainer, ControlNetModule]:
 
     if preemption.stopped:
         log.warning("preempted at step %d: export skipped (the requeued run exports at the end)", trainer.global_step)
-    elif cfg.export.enabled and trainer.is_global_zero:
-        export_run(cfg, module, run_dir, trainer.global_step)
+    elif cfg.export.enabled:
+        controlnet = full_controlnet(trainer, module)  # under FSDP a collective: every rank takes part
+        if trainer.is_global_zero:
+            export_run(cfg, module, run_dir, trainer.global_step, controlnet)
     return trainer, module
 
 

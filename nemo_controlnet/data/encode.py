@@ -1,0 +1,278 @@
+"""``controlnet-prep mode=encode``: shards -> shards with cached VAE latents and text embeddings.
+
+At 512 px about half the FLOPs of a ControlNet step are the VAE encoder; the text encoder runs
+every step too. Both are locked, so their outputs can be computed once. Each input shard becomes
+one output shard whose samples carry, beside the center-cropped image (for eyes and evaluation),
+the hint cropped the same way and the caption:
+
+- ``latent.npy``: the VAE's posterior (mean and log-variance, float16, 2C x H/8 x W/8). Training
+  draws a fresh sample from it every step, as online encoding does (a stored single draw would
+  show the model the same latent every epoch).
+- ``text.npy`` (and ``pooled.npy`` for SDXL): the text encoders' output for the caption. Caption
+  dropout swaps in the empty prompt's embedding at training time.
+- ``json``: the input's metadata plus ``sdxl: {original_size, crop_top_left}`` (micro-conditioning).
+
+The manifest's ``params.encoded`` records the encoders' fingerprint, the resolution and the crop.
+Training refuses these shards over another base model, at another resolution, or with random
+crops or flips (a cached latent is one fixed crop; the hint would move, the latent would not).
+Flipped variants are not cached: train on the unencoded shards for augmentation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from tqdm import tqdm
+
+from nemo_controlnet import __version__
+from nemo_controlnet.data.decode import BadSample, decode_caption, load_image, open_image
+from nemo_controlnet.data.prep import encode as encode_image
+from nemo_controlnet.data.prep import resolve_task, task_units
+from nemo_controlnet.data.shards import STATE_DIR, check_params, is_complete, shard_name, stats_path, write_manifest
+from nemo_controlnet.data.shards import write_stats
+from nemo_controlnet.data.transforms import ResizeCrop, normalize_image, to_uint8_chw
+from nemo_controlnet.data.webdataset import SkipCounter, expand_shards
+from nemo_controlnet.io import atomic_path, write_json_atomic
+from nemo_controlnet.models.stack import build_stack, compute_dtype, encoder_fingerprint, freeze
+
+log = logging.getLogger(__name__)
+
+LATENT, TEXT, POOLED = "latent.npy", "text.npy", "pooled.npy"
+SDXL = "sdxl"
+
+
+def crop_sample(sample: dict, cfg: DictConfig, hint_fn) -> dict:
+    """One raw sample -> cropped image and hint (PIL), caption and micro-conditioning."""
+    image = open_image(sample.get(cfg.image_key), "image")
+    geometry = ResizeCrop.center(image.width, image.height, int(cfg.resolution))
+    original_size = [image.height, image.width]
+    image = Image.fromarray(geometry.apply(np.asarray(load_image(image, "image", draft_size=geometry.resized)[0])))
+    stored = sample.get(cfg.hint_key)
+    if stored is not None:
+        hint = open_image(stored, "hint")
+        if hint.size != (original_size[1], original_size[0]):
+            raise BadSample("size_mismatch", f"image {original_size[::-1]} vs hint {hint.size}")
+        hint = geometry.apply(load_image(hint, "hint", gray_ok=True)[0], "hint")
+    else:  # no hint in the input: the prep hint (Canny by default) of the cropped image
+        hint = hint_fn(image, None, random.Random(f"{cfg.seed}-{sample['__key__']}"))[0]
+    meta = json.loads(sample["json"]) if sample.get("json") else {}
+    # As the online loader emits them for this shard image: (height, width) and (top, left).
+    meta[SDXL] = {"original_size": original_size, "crop_top_left": [geometry.box[1], geometry.box[0]]}
+    return {
+        "key": sample["__key__"],
+        "image": image,
+        "hint": hint,
+        "caption": decode_caption(sample.get(cfg.caption_key), required=False),
+        "json": meta,
+    }
+
+
+class Encoder:
+    """The locked VAE and text encoders of a model config, on one device, in one dtype."""
+
+    def __init__(self, model_cfg: DictConfig, device: str, precision: str | int):
+        stack = build_stack(model_cfg)
+        # Before any dtype change: the fingerprint training computes from the same config.
+        self.fingerprint = encoder_fingerprint(stack.vae, *stack.text_encoders())
+        self.dtype = compute_dtype(precision)
+        self.device = torch.device(device)
+        del stack.unet
+        self.stack = stack
+        for module in (stack.vae, *stack.text_encoders()):
+            freeze(module, self.dtype).to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, images: list[Image.Image], captions: list[str]) -> dict[str, np.ndarray]:
+        pixels = torch.stack([to_uint8_chw(np.asarray(im), 3) for im in images]).to(self.device)
+        pixels = normalize_image(pixels).to(self.dtype)
+        latent = self.stack.vae.encode(pixels).latent_dist.parameters
+        states, pooled = self.stack.encode_prompts(captions)
+        out = {LATENT: latent, TEXT: states}
+        if pooled is not None:
+            out[POOLED] = pooled
+        return {k: v.float().cpu().numpy().astype(np.float16) for k, v in out.items()}
+
+
+def encode_shard(index: int, url: str, cfg: DictConfig, encoder: Encoder, hint_fn, out_dir: Path) -> dict:
+    """One input shard -> one output shard: temp file, rename, then its stats file."""
+    name = shard_name(cfg.prefix, index)
+    stats_path(out_dir, name).unlink(missing_ok=True)
+    start = time.time()
+    counter, written = SkipCounter(), 0
+    batch_size = int(cfg.encode.batch_size)
+    with atomic_path(out_dir / name) as tmp:
+        with wds.TarWriter(str(tmp)) as sink:
+            pending: list[dict] = []
+
+            def flush() -> None:
+                nonlocal written
+                if not pending:
+                    return
+                arrays = encoder([s["image"] for s in pending], [s["caption"] for s in pending])
+                for i, s in enumerate(pending):
+                    sink.write({
+                        "__key__": s["key"],
+                        cfg.image_key: encode_image(s["image"], cfg.image_key, cfg.jpeg_quality),
+                        cfg.hint_key: encode_image(s["hint"], cfg.hint_key, cfg.jpeg_quality),
+                        cfg.caption_key: s["caption"],
+                        "json": s["json"],
+                        **{member: array[i] for member, array in arrays.items()},
+                    })  # fmt: skip
+                written += len(pending)
+                pending.clear()
+
+            for sample in wds.tarfile_samples([{"url": url}], handler=counter):
+                try:
+                    pending.append(crop_sample(sample, cfg, hint_fn))
+                except Exception as e:  # a bad sample costs one sample, counted by reason
+                    counter(e if isinstance(e, BadSample) else BadSample(f"error_{type(e).__name__}", str(e)))
+                    continue
+                if len(pending) == batch_size:
+                    flush()
+            flush()
+    stats = {"name": name, "input": url, "num_samples": written, "skipped": dict(counter.counts),
+             "converted": {}, "seconds": round(time.time() - start, 3)}  # fmt: skip
+    write_stats(out_dir, name, stats)
+    return stats
+
+
+def encode_params(cfg: DictConfig, urls: list[str], fingerprint: str) -> dict:
+    return {
+        "mode": "encode",
+        "inputs": urls,
+        "prefix": cfg.prefix,
+        "image_key": cfg.image_key,
+        "hint_key": cfg.hint_key,
+        "caption_key": cfg.caption_key,
+        "hint": OmegaConf.to_container(cfg.hint, resolve=True),
+        "seed": cfg.seed,
+        "version": __version__,
+        "encoded": {
+            "fingerprint": fingerprint,
+            "resolution": int(cfg.resolution),
+            "crop": "center",
+            "precision": str(cfg.encode.precision),
+            "members": {"latent": LATENT, "text": TEXT, "pooled": POOLED},
+            "latent": "VAE posterior parameters (mean, logvar), unscaled",
+            "model": OmegaConf.to_container(cfg.model, resolve=True),
+        },
+    }
+
+
+def encode_shards(cfg: DictConfig) -> dict:
+    if not cfg.get("model"):
+        raise ValueError("mode=encode needs model=<the base you will train over> (e.g. model=sd15)")
+    if not cfg.encode.get("input"):
+        raise ValueError("encode.input: required for mode=encode (the shards to encode: dir, pattern, manifest.json)")
+    if not cfg.get("resolution"):
+        raise ValueError("resolution: required for mode=encode (the training resolution; latents are of that crop)")
+    out_dir = Path(cfg.out_dir)
+    urls = expand_shards(cfg.encode.input)
+    if any(Path(u).resolve().parent == out_dir.resolve() for u in urls if "://" not in u):
+        raise ValueError(f"out_dir={out_dir} holds the input shards: encode into another directory")
+    device = cfg.encode.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    encoder = Encoder(cfg.model, device, cfg.encode.precision)
+    params = encode_params(cfg, urls, encoder.fingerprint)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_params(out_dir, params, cfg.overwrite)
+    write_json_atomic(out_dir / STATE_DIR / "plan.json", {"num_units": len(urls)})
+    task_index, num_tasks = resolve_task(cfg.task_index, cfg.num_tasks)
+    todo = [i for i in task_units(len(urls), task_index, num_tasks)
+            if cfg.overwrite or not is_complete(out_dir, shard_name(cfg.prefix, i))]  # fmt: skip
+    for i in todo:
+        for stale in out_dir.glob(f".{shard_name(cfg.prefix, i)}.tmp-*"):
+            stale.unlink(missing_ok=True)
+    log.info("encode: %d input shards, %d to encode on %s in %s, encoders %s",
+             len(urls), len(todo), device, encoder.dtype, encoder.fingerprint)  # fmt: skip
+    hint_fn = instantiate(cfg.hint)
+    start, written, skipped = time.time(), 0, Counter()
+    bar = tqdm(todo, desc=f"encode {out_dir}", unit="shard")
+    for i in bar:
+        stats = encode_shard(i, urls[i], cfg, encoder, hint_fn, out_dir)
+        written += stats["num_samples"]
+        skipped.update(stats["skipped"])
+        bar.set_postfix(samples=written, skipped=sum(skipped.values()),
+                        rate=f"{written / max(time.time() - start, 1e-9):.1f}/s")  # fmt: skip
+    seconds = time.time() - start
+    log.info("encode: %d written, %d skipped %s, %.1fs (%.1f samples/s)",
+             written, sum(skipped.values()), dict(skipped), seconds, written / max(seconds, 1e-9))  # fmt: skip
+    summary = {"written": written, "skipped": dict(skipped), "seconds": round(seconds, 3)}
+    if num_tasks == 1:
+        manifest = write_manifest(out_dir, params, len(urls), cfg.prefix)
+        summary.update(manifest=str(out_dir / "manifest.json"), complete=manifest["complete"])
+    return summary
+
+
+def manifest_of(spec) -> Path | None:
+    """The manifest.json that describes a shard spec (a manifest, a directory, or shards in one)."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    path = Path(str(specs[0]))
+    if path.name == "manifest.json":
+        return path if path.is_file() else None
+    folder = path if path.is_dir() else Path(expand_shards(str(specs[0]))[0]).parent
+    return folder / "manifest.json" if (folder / "manifest.json").is_file() else None
+
+
+def cached_encoding(data_cfg: DictConfig) -> dict | None:
+    """``params.encoded`` of the training shards' manifests, after checking that the data config can
+    use them: every source cached (or none), the same encoders, the same resolution, no random
+    geometry and no hint regeneration. None when the shards carry no cached encodings."""
+    if data_cfg.get("folder"):
+        return None
+    specs = [d.shards for d in data_cfg.datasets] if data_cfg.get("datasets") else [data_cfg.shards]
+    found = []
+    for spec in specs:
+        spec = OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec
+        path = manifest_of(spec)
+        encoded = json.loads(path.read_text())["params"].get("encoded") if path else None
+        found.append((path, encoded))
+    cached = [(p, e) for p, e in found if e]
+    if not cached:
+        return None
+    if len(cached) != len(found):
+        raise ValueError("data.datasets: some sources carry cached latents (controlnet-prep mode=encode) and some "
+                         "do not; encode them all with the same model, or none")  # fmt: skip
+    (first_path, encoded), *rest = cached
+    for path, other in rest:
+        if other["fingerprint"] != encoded["fingerprint"] or other["resolution"] != encoded["resolution"]:
+            raise ValueError(f"{path} and {first_path} were encoded by different models or at different "
+                             "resolutions; encode every source with the same model and resolution")  # fmt: skip
+    aug = data_cfg.get("augment") or {}
+    if aug.get("crop", "center") != "center" or float(aug.get("hflip", 0.0)) > 0:
+        raise ValueError(
+            f"data.augment.crop={aug.get('crop')}, data.augment.hflip={aug.get('hflip')}: {first_path} holds cached "
+            "latents of one center crop; a random crop or flip would move the hint but not the latent. Use "
+            "crop=center hflip=0 with these shards, or train on the unencoded shards to augment"
+        )
+    if (data_cfg.get("hint") or {}).get("on_the_fly"):
+        raise ValueError(f"data.hint.on_the_fly=true: {first_path} carries hints cropped with its latents; "
+                         "set data.hint.on_the_fly=false")  # fmt: skip
+    if int(data_cfg.resolution) != int(encoded["resolution"]):
+        raise ValueError(
+            f"data.resolution={data_cfg.resolution}, but {first_path} holds latents encoded at "
+            f"{encoded['resolution']} px: set data.resolution={encoded['resolution']} or re-encode"
+        )
+    return {**encoded, "manifest": str(first_path)}
+
+
+def check_encoder(encoded: dict, fingerprint: str) -> None:
+    """Cached latents and text embeddings must come from the base the ControlNet trains over."""
+    if encoded["fingerprint"] != fingerprint:
+        raise ValueError(
+            f"{encoded['manifest']}: latents and text embeddings were encoded by a base with encoder fingerprint "
+            f"{encoded['fingerprint']}, but this model config builds {fingerprint}; re-encode with "
+            "controlnet-prep mode=encode and the training model config, or train on the unencoded shards"
+        )
