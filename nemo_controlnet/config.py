@@ -65,6 +65,8 @@ def _number(v) -> bool:
 
 def check_model(c: _Checker, prefix: str = "model") -> None:
     for node in MODEL_NODES:
+        if node == "control_stage_config" and OmegaConf.select(c.cfg, f"{prefix}.{node}") is None:
+            continue  # no ControlNet: the base itself trains (pretraining a base, examples/fill50k)
         c.check(f"{prefix}.{node}._target_", lambda v: isinstance(v, str) and "." in v, "a _target_ dotted path")
     c.check(f"{prefix}.seed", _is_int, "an integer")
     c.check(f"{prefix}.hint_channels", _pos_int, "a positive integer")

@@ -208,3 +208,25 @@ def test_local_diffusers_directory_loads_the_same_base(tmp_path):
         ConfigError, match=r"model.unet_config.pretrained_model_name_or_path=.*no directory .*missing/unet"
     ):
         build_stack(compose_train(["model=local_diffusers", f"model.path={tmp_path / 'missing'}"]).model)
+
+
+def test_pixel_autoencoder_round_trips_and_loads_as_a_diffusers_model(tmp_path):
+    from nemo_controlnet.models.pixel_vae import PixelAutoencoder
+
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    exact = PixelAutoencoder(block_out_channels=(1, 1, 1), mode="space_to_depth")
+    z = exact.encode(x).latent_dist.sample()
+    assert z.shape == (2, 48, 8, 8) and exact.config.latent_channels == 48
+    torch.testing.assert_close(exact.decode(z).sample, x, atol=1e-5, rtol=0)
+
+    pool = PixelAutoencoder(block_out_channels=(1, 1))
+    flat = torch.full((1, 3, 32, 32), 0.25)
+    flat[:, :, 8:24, 8:24] = -0.5  # a flat square on a flat background: exact away from its edges
+    out = pool.decode(pool.encode(flat).latent_dist.mode()).sample
+    assert pool.encode(flat).latent_dist.mode().shape == (1, 3, 16, 16)
+    assert torch.equal(out[:, :, 12:20, 12:20], flat[:, :, 12:20, 12:20]) and (out - flat).abs().max() <= 0.75
+    pool.save_pretrained(tmp_path / "vae")
+    loaded = PixelAutoencoder.from_pretrained(tmp_path / "vae", local_files_only=True)
+    assert loaded.factor == 2 and loaded.config.mode == "pool"
+    with pytest.raises(ValueError, match="latent_channels=4"):
+        PixelAutoencoder(latent_channels=4, mode="space_to_depth")

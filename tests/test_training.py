@@ -288,7 +288,7 @@ def test_killed_run_resumes_from_newest_complete_checkpoint(train_cfg):
 def test_hint_in_training_batch_equals_pipeline_input(shapes_dir):
     """Same range, channel order and pixels: what training sees is what generation feeds."""
     cfg = compose_train([f"validation.shards={shapes_dir / 'val'}", "validation.num_samples=2"])
-    prompts, hints = validation_samples(cfg.validation, cfg.data, 3)  # the loader's decode path
+    prompts, hints, _ = validation_samples(cfg.validation, cfg.data, 3)  # the loader's decode path
     stack = build_stack(cfg.model)
     controlnet = instantiate(cfg.model.control_stage_config, unet=stack.unet, hint_channels=3)
     pipe = controlnet_pipeline(
@@ -374,7 +374,7 @@ def test_validation_keeps_train_mode_and_rng(train_cfg):
     _, module = train(cfg)
     from nemo_controlnet.training.callbacks import ValidationImages
 
-    prompts, hints = validation_samples(cfg.validation, cfg.data, 3)
+    prompts, hints, _ = validation_samples(cfg.validation, cfg.data, 3)
     callback = ValidationImages(Path(cfg.run_dir) / "val-test", prompts, hints, every_n_steps=1, num_inference_steps=2)
     trainer = L.Trainer(logger=False, enable_checkpointing=False, max_steps=1)
     module.train()
@@ -524,3 +524,30 @@ def test_preemption_signal_checkpoints_stops_and_the_rerun_continues(train_cfg):
     trainer, _ = train(train_cfg("checkpoint.every_n_steps=0", "validation.num_samples=0",
                                  f"trainer.max_steps={steps[0] + 2}"))  # fmt: skip
     assert trainer.global_step == steps[0] + 2
+
+
+def test_base_training_is_a_config_and_a_controlnet_trains_over_its_export(train_cfg, tmp_path):
+    """No ControlNet in the config: the same trainer trains the UNet itself and exports the base as a
+    diffusers directory; a ControlNet then trains over it (the examples/fill50k recipe)."""
+    toy = ["model=toy", "data.resolution=32", "validation.num_samples=2", "trainer.max_steps=2"]
+    cfg = train_cfg(*toy, "model.control_stage_config=null", f"run_dir={tmp_path / 'base'}", "export.original=false")
+    start = ControlNetModule(cfg.model, cfg.optim)
+    trainer, module = train(cfg)
+    assert module.controlnet is None and module.base_training and trainer.global_step == 2
+    before, after = start.unet.state_dict(), module.unet.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the UNet trained
+    for name in ("text_encoder", "vae"):
+        a, b = getattr(start, name).state_dict(), getattr(module, name).state_dict()
+        assert all(torch.equal(a[k], b[k]) for k in a), name  # the rest stayed locked
+    base = tmp_path / "base" / "base"
+    assert (base / "unet" / "config.json").is_file() and (base / "vae" / "config.json").is_file()
+    assert Image.open(tmp_path / "base" / "samples" / "step_0000002.png").size == (64, 64)  # hint | text-to-image
+
+    over = train_cfg(
+        "+experiment=fill50k_controlnet", f"model.path={base}", f"run_dir={tmp_path / 'cn'}",
+        f"data.shards={cfg.data.shards}", f"data.validation_shards={cfg.data.validation_shards}", "data.synthetic=null",
+        "data.batch_size=4", "data.num_workers=0", "trainer.max_steps=1", "validation.num_samples=2", "logger=csv",
+    )  # fmt: skip
+    _, controlled = train(over)
+    torch.testing.assert_close(controlled.unet.state_dict()["conv_out.weight"], after["conv_out.weight"])
+    assert (tmp_path / "cn" / "controlnet" / "config.json").is_file()

@@ -9,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from torch.utils.data import DataLoader
 
@@ -144,9 +144,36 @@ def repr_source(source) -> str:
     return f"{len(source.items)} images under {source.root}"
 
 
-def validation_samples(val_cfg: DictConfig, data_cfg: DictConfig, hint_channels: int) -> tuple[list[str], torch.Tensor]:
-    """Fixed (prompts, hints) for validation: explicit ``samples`` ({prompt, hint: path}) or the
-    first ``num_samples`` of ``shards``, read in order, center-cropped."""
+def held_out_samples(
+    shards, data_cfg: DictConfig, hint_channels: int, num_samples: int, keys=None, resolution: int | None = None
+) -> list[dict]:
+    """Samples of a shard set in order, center-cropped, with their json metadata: the first
+    ``num_samples``, or the samples named by ``keys`` (in that order; a missing key is an error)."""
+    data_cfg = OmegaConf.merge(data_cfg, {"resolution": resolution or data_cfg.resolution})
+    decoder = make_decoder(data_cfg, hint_channels, augment=False)
+    decoder.keep_meta = True
+    stream = SampleStream([(ShardSource(expand_shards(shards)), 1.0)], decoder, 1, 0, shuffle_buffer=0)
+    if not keys:
+        return list(islice(batches(stream), int(num_samples)))
+    wanted = [str(k) for k in keys]
+    found = {}
+    for s in batches(stream):
+        if s["key"][0] in wanted:
+            found[s["key"][0]] = s
+            if len(found) == len(wanted):
+                break
+    missing = [k for k in wanted if k not in found]
+    if missing:
+        raise KeyError(f"validation.keys: {len(missing)} key(s) not in {shards}, first: {missing[0]!r}")
+    return [found[k] for k in wanted]
+
+
+def validation_samples(
+    val_cfg: DictConfig, data_cfg: DictConfig, hint_channels: int
+) -> tuple[list[str], torch.Tensor, list[dict]]:
+    """Fixed (prompts, hints, metadata) for validation: explicit ``samples`` ({prompt, hint: path}),
+    the samples of ``shards`` named by ``keys``, or the first ``num_samples`` of ``shards``, read in
+    order, center-cropped."""
     resolution = int(data_cfg.resolution)
     if val_cfg.get("samples"):
         prompts, hints = [], []
@@ -156,10 +183,9 @@ def validation_samples(val_cfg: DictConfig, data_cfg: DictConfig, hint_channels:
                 raise FileNotFoundError(f"validation.samples[{i}].hint: no file {path}")
             prompts.append(str(item.prompt))
             hints.append(prepare_hint(Image.open(path), resolution, hint_channels))
-        return prompts, torch.stack(hints)
-    if not val_cfg.get("shards") or int(val_cfg.num_samples) <= 0:
-        return [], torch.empty(0)
-    decoder = make_decoder(data_cfg, hint_channels, augment=False)
-    stream = SampleStream([(ShardSource(expand_shards(val_cfg.shards)), 1.0)], decoder, 1, 0, shuffle_buffer=0)
-    samples = list(islice(batches(stream), int(val_cfg.num_samples)))
-    return [s["caption"][0] for s in samples], normalize_hint(torch.cat([s["hint"] for s in samples]))
+        return prompts, torch.stack(hints), [{} for _ in prompts]
+    if not val_cfg.get("shards") or (int(val_cfg.num_samples) <= 0 and not val_cfg.get("keys")):
+        return [], torch.empty(0), []
+    samples = held_out_samples(val_cfg.shards, data_cfg, hint_channels, int(val_cfg.num_samples), val_cfg.get("keys"))
+    prompts = [s["caption"][0] for s in samples]
+    return prompts, normalize_hint(torch.cat([s["hint"] for s in samples])), [s["meta"][0] for s in samples]

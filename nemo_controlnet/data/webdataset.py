@@ -101,6 +101,7 @@ class SampleDecoder:
         regenerate: bool = False,
         seed: int = 0,
         cached: bool = False,
+        keep_meta: bool = False,
     ):
         self.resolution = resolution
         self.image_key, self.hint_key, self.caption_key = image_key, hint_key, caption_key
@@ -114,6 +115,7 @@ class SampleDecoder:
         self.seed = seed
         self.epoch = 0
         self.cached = cached  # shards of controlnet-prep mode=encode: latents and text embeddings, no image
+        self.keep_meta = keep_meta  # emit the sample's json (evaluation: the shapes' ground truth)
 
     def cached_sample(self, sample: dict, key: str) -> dict:
         """Cached posterior and text embeddings, the hint as stored (already cropped with the latent)."""
@@ -159,7 +161,7 @@ class SampleDecoder:
             raise BadSample(e.reason, f"{where}: {e}") from e
         image = geometry.apply(np.asarray(image), "image")
         hint = geometry.apply(np.asarray(hint), "hint") if hint is not None else self.detector(image, None, rng)[0]
-        return {
+        out = {
             "image": to_uint8_chw(image, 3),
             self.control_key: to_uint8_chw(hint, self.hint_channels),
             "caption": caption,
@@ -168,6 +170,12 @@ class SampleDecoder:
             "original_size": torch.tensor(original_size),
             "crop_top_left": torch.tensor((geometry.box[1], geometry.box[0])),
         }
+        if self.keep_meta:
+            try:
+                out["meta"] = json.loads(sample["json"]) if sample.get("json") else {}
+            except ValueError:
+                out["meta"] = {}
+        return out
 
 
 def collate(samples: list[dict]) -> dict:

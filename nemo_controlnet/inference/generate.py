@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -70,7 +71,21 @@ def broadcast_prompts(prompts: list[str], n: int) -> list[str]:
     return prompts
 
 
-def generate(cfg: DictConfig) -> list[Path]:
+@dataclass
+class Sampler:
+    """A trained ControlNet over its base, as a diffusers pipeline, and what sampling needs to know."""
+
+    pipe: object
+    meta: dict
+    hint_channels: int
+    resolution: int
+    device: torch.device
+    dtype: torch.dtype
+
+
+def load_sampler(cfg: DictConfig) -> Sampler:
+    """The ControlNet of ``cfg.controlnet`` (run_dir or diffusers dir) over the base recorded with it
+    (or ``cfg.model`` with ``use_recorded_base=false``), checked by fingerprint, on ``cfg.device``."""
     controlnet_dir, unet_dir = resolve_controlnet(cfg.controlnet)
     meta = read_metadata(controlnet_dir)
     recorded = cfg.get("use_recorded_base", True) and "base_model" in meta
@@ -98,21 +113,19 @@ def generate(cfg: DictConfig) -> list[Path]:
     for module in (unet, stack.vae, *stack.text_encoders(), controlnet):
         freeze(module, dtype).to(device)
     log.info("models on %s in %s", device, dtype)
-
-    resolution = int(cfg.resolution or meta.get("resolution") or 512)
-    hints = load_hints(cfg, resolution, hint_channels)
-    prompts = broadcast_prompts(cfg.prompts, len(hints))
     pipe = controlnet_pipeline(
-        unet,
-        controlnet,
-        stack.vae,
-        stack.text_encoder,
-        stack.tokenizer,
-        stack.noise_scheduler.config,
-        cfg.sampler,
-        stack.text_encoder_2,
-        stack.tokenizer_2,
-    )
+        unet, controlnet, stack.vae, stack.text_encoder, stack.tokenizer, stack.noise_scheduler.config,
+        cfg.sampler, stack.text_encoder_2, stack.tokenizer_2,
+    )  # fmt: skip
+    resolution = int(cfg.get("resolution") or meta.get("resolution") or 512)
+    return Sampler(pipe, meta, hint_channels, resolution, device, dtype)
+
+
+def generate(cfg: DictConfig) -> list[Path]:
+    loaded = load_sampler(cfg)
+    pipe, dtype = loaded.pipe, loaded.dtype
+    hints = load_hints(cfg, loaded.resolution, loaded.hint_channels)
+    prompts = broadcast_prompts(cfg.prompts, len(hints))
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written, rows = [], []

@@ -9,7 +9,9 @@ import torch
 from diffusers import (
     DDIMScheduler,
     StableDiffusionControlNetPipeline,
+    StableDiffusionPipeline,
     StableDiffusionXLControlNetPipeline,
+    StableDiffusionXLPipeline,
     UniPCMultistepScheduler,
 )
 
@@ -20,19 +22,20 @@ def controlnet_pipeline(
     unet, controlnet, vae, text_encoder, tokenizer, scheduler_config, sampler: str = "unipc",
     text_encoder_2=None, tokenizer_2=None,
 ):  # fmt: skip
-    """diffusers' ControlNet pipeline over these modules: the SDXL one when there is a second text encoder."""
+    """diffusers' ControlNet pipeline over these modules: the SDXL one when there is a second text
+    encoder; without a ControlNet (base training), the text-to-image pipeline."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r}: choose one of {sorted(SAMPLERS)}")
-    common = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, controlnet=controlnet,
+    common = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                   scheduler=SAMPLERS[sampler].from_config(scheduler_config))  # fmt: skip
+    if controlnet is not None:
+        common["controlnet"] = controlnet
     if text_encoder_2 is not None:
-        pipe = StableDiffusionXLControlNetPipeline(
-            **common, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, add_watermarker=False
-        )
+        cls = StableDiffusionXLControlNetPipeline if controlnet is not None else StableDiffusionXLPipeline
+        pipe = cls(**common, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, add_watermarker=False)
     else:
-        pipe = StableDiffusionControlNetPipeline(
-            **common, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-        )
+        cls = StableDiffusionControlNetPipeline if controlnet is not None else StableDiffusionPipeline
+        pipe = cls(**common, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -63,18 +66,20 @@ def sample(
     else:
         generator = torch.Generator(device="cpu").manual_seed(seed)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    control = {}
+    if getattr(pipe, "controlnet", None) is not None:  # a text-to-image pipeline takes no hint
+        control = {"image": hints.to(device, torch.float32), "controlnet_conditioning_scale": control_scale}
     with autocast:
         out = pipe(
             prompt=list(prompts),
-            image=hints.to(device, torch.float32),
             height=height,
             width=width,
             num_inference_steps=num_inference_steps,
             guidance_scale=guidance_scale,
-            controlnet_conditioning_scale=control_scale,
             negative_prompt=[negative_prompt] * len(prompts) if negative_prompt else None,
             generator=generator,
             output_type="np",
+            **control,
         )
     return (np.clip(out.images, 0, 1) * 255).round().astype(np.uint8)
 

@@ -121,7 +121,7 @@ def set_only_mid_control(controlnet: ControlNetModel, enabled: bool) -> None:
 
 def controlled_unet_forward(
     unet: UNet2DConditionModel,
-    controlnet: ControlNetModel,
+    controlnet: ControlNetModel | None,
     noisy_latents: torch.Tensor,
     timesteps: torch.Tensor,
     encoder_hidden_states: torch.Tensor,
@@ -129,10 +129,14 @@ def controlled_unet_forward(
     control_scale: float = 1.0,
     added_cond_kwargs: dict | None = None,
 ) -> torch.Tensor:
-    """The UNet's prediction with the ControlNet's residuals added at the skips and the middle.
+    """The UNet's prediction with the ControlNet's residuals added at the skips and the middle
+    (without a ControlNet, the UNet's own prediction: base training).
 
     ``added_cond_kwargs``: SDXL's pooled text embedding and micro-conditioning time ids, given to
     both networks."""
+    if controlnet is None:
+        return unet(noisy_latents, timesteps, encoder_hidden_states=encoder_hidden_states,
+                    added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]  # fmt: skip
     down, mid = controlnet(
         noisy_latents,
         timesteps,

@@ -44,6 +44,18 @@ def export_controlnet(
     return out_dir
 
 
+def export_base(pipe, out_dir: str | Path, metadata: dict) -> Path:
+    """A base trained from scratch (no ControlNet in the config) as a diffusers pipeline directory
+    (unet/ vae/ text_encoder/ tokenizer/ scheduler/), which ``model=local_diffusers model.path=``
+    loads to train a ControlNet over it."""
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        (tmp / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str) + "\n")
+    log.info("exported the trained base to %s", out_dir)
+    return out_dir
+
+
 def read_metadata(controlnet_dir: str | Path) -> dict:
     path = Path(controlnet_dir) / METADATA
     return json.loads(path.read_text()) if path.is_file() else {}
@@ -197,7 +209,8 @@ def model_card(metadata: dict, grid: str | None = None) -> str:
         ("resolution", metadata.get("resolution")),
         ("sd_locked / only_mid_control", f"{metadata.get('sd_locked')} / {metadata.get('only_mid_control')}"),
     ]
-    rows += [(f"metric: {k}", v) for k, v in sorted((metadata.get("metrics") or {}).items())]
+    val = metadata.get("validation_metrics") or {}
+    rows += [(f"validation {k} (step {val.get('step')})", _fmt(v)) for k, v in sorted(val.items()) if k != "step"]
     lines = [
         "---",
         "library_name: diffusers",
@@ -216,6 +229,17 @@ def model_card(metadata: dict, grid: str | None = None) -> str:
         "",
         "Hints are given to the pipeline as images; the ControlNet was trained on them as float [0, 1] RGB.",
     ]
+    evaluation = metadata.get("eval")
+    if evaluation:
+        on, off = evaluation["controlled"], evaluation["uncontrolled"]
+        lines += ["", f"Evaluation (`controlnet-eval`, {evaluation['num_samples']} held-out samples of "
+                  f"`{evaluation['shards']}`, fixed seeds; the baseline is the same base with control_scale 0):",
+                  "", "| metric | with control | control off |", "| --- | --- | --- |"]  # fmt: skip
+        lines += [f"| {k} | {_fmt(on[k])} | {_fmt(off.get(k))} |" for k in sorted(on)]
     if grid:
         lines += ["", "Validation samples (each row: hint | generated image):", "", f"![validation]({grid})"]
     return "\n".join(lines) + "\n"
+
+
+def _fmt(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.flop_counter import FlopCounterMode
 from PIL import Image
 
+from nemo_controlnet.eval.metrics import mean_metrics, sample_metrics
 from nemo_controlnet.inference.pipeline import controlnet_pipeline, grid, hint_to_uint8, sample
 from nemo_controlnet.io import atomic_path
 from nemo_controlnet.training.distributed import full_controlnet
@@ -86,6 +88,10 @@ class ValidationImages(_EveryNOptimizerSteps):
     afterwards, and writes ``samples/step_NNNNNNN.png`` with one row per sample: hint | image.
     With several ranks each samples every world-th prompt (seeded per sample, so an image does not
     depend on the number of ranks) and rank 0 gathers and writes the grid.
+
+    Rank 0 then scores the images against their hints (``eval/metrics.py``: edge F1, SSIM, and the
+    shapes' ground-truth IoU and colour errors when ``metas`` carry them), logs the means as
+    ``validation/<metric>`` and appends them to ``samples/metrics.jsonl``: the hint-following curve.
     """
 
     def __init__(
@@ -98,12 +104,15 @@ class ValidationImages(_EveryNOptimizerSteps):
         guidance_scale: float = 7.5,
         seed: int = 0,
         sampler: str = "unipc",
+        metas: list[dict] | None = None,
     ):
         super().__init__(every_n_steps)
         self.out_dir = Path(out_dir)
         self.prompts, self.hints = list(prompts), hints
+        self.metas = list(metas) if metas else [{} for _ in self.prompts]
         self.num_inference_steps, self.guidance_scale = num_inference_steps, guidance_scale
         self.seed, self.sampler = seed, sampler
+        self.last_metrics: dict = {}  # the newest means, with their step (for the model card)
 
     def on_train_start(self, trainer, pl_module):
         if trainer.global_step == 0:  # the untrained baseline, to compare later grids with
@@ -156,10 +165,22 @@ class ValidationImages(_EveryNOptimizerSteps):
             Image.fromarray(picture).save(tmp, format="PNG")
         if isinstance(trainer.logger, TensorBoardLogger):
             trainer.logger.experiment.add_image("validation/hint_sample", picture, step, dataformats="HWC")
+        hints = [hint_to_uint8(h) for h in self.hints]
+        scores = mean_metrics([sample_metrics(img, h, m) for img, h, m in zip(images, hints, self.metas, strict=True)])
+        self.last_metrics = {"step": step, **scores}
+        self._append_metrics(self.last_metrics)
         seconds = time.time() - start
         if trainer.logger is not None:
-            trainer.logger.log_metrics({"validation/seconds": seconds}, step=step)
-        log.info("validation grid %s (%d samples, %.1fs)", path, len(self.prompts), seconds)
+            logged = {"validation/seconds": seconds, **{f"validation/{k}": v for k, v in scores.items()}}
+            trainer.logger.log_metrics(logged, step=step)
+        log.info("validation grid %s (%d samples, %.1fs): %s", path, len(self.prompts), seconds,
+                 ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))  # fmt: skip
+
+    def _append_metrics(self, row: dict) -> None:
+        path = self.out_dir / "metrics.jsonl"
+        previous = path.read_text() if path.is_file() else ""
+        with atomic_path(path) as tmp:
+            tmp.write_text(previous + json.dumps(row, sort_keys=True) + "\n")
 
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A6000": 155.0, "4090": 165.0}

@@ -36,6 +36,8 @@ def configure_fsdp(strategy, module) -> None:
     """Set what FSDP shards (unless the config already says): the ControlNet's blocks, not the locked parts."""
     if not is_fsdp(strategy):
         return
+    if module.controlnet is None:
+        raise ValueError("trainer=fsdp shards the ControlNet; base training (no ControlNet) runs with DDP")
     if not module.sd_locked:
         raise ValueError(
             "trainer=fsdp with model.sd_locked=false: the trainable UNet decoder is not sharded by this "

@@ -47,21 +47,25 @@ class ControlNetModule(L.LightningModule):
         # Identity of the base as built from config, before any of it trains.
         self.base_fingerprint = fingerprint(self.unet, self.vae, *stack.text_encoders())
         self.encoder_fingerprint = encoder_fingerprint(self.vae, *stack.text_encoders())  # cached latents' check
-        self.controlnet = instantiate(
-            model_cfg.control_stage_config, unet=self.unet, hint_channels=int(model_cfg.hint_channels)
-        )
-        set_only_mid_control(self.controlnet, bool(model_cfg.only_mid_control))
+        # No ControlNet in the config: the UNet itself trains (pretraining a base; examples/fill50k).
+        self.base_training = not model_cfg.get("control_stage_config")
+        self.controlnet = None
+        if not self.base_training:
+            self.controlnet = instantiate(
+                model_cfg.control_stage_config, unet=self.unet, hint_channels=int(model_cfg.hint_channels)
+            )
+            set_only_mid_control(self.controlnet, bool(model_cfg.only_mid_control))
 
         for module in self.locked_modules():
             freeze(module, self.locked_dtype)
-        if not self.sd_locked:
+        if self.base_training:
+            self.unet.requires_grad_(True).to(torch.float32).train()
+        elif not self.sd_locked:
             for module in unet_decoder_modules(self.unet):
                 module.requires_grad_(True).to(torch.float32).train()
-        log.info(
-            "locked parts in %s; trainable: controlnet%s",
-            self.locked_dtype,
-            "" if self.sd_locked else " + unet decoder",
-        )
+        trainable = "unet (base training, no ControlNet)" if self.base_training else "controlnet"
+        log.info("locked parts in %s; trainable: %s%s", self.locked_dtype, trainable,
+                 "" if self.sd_locked or self.base_training else " + unet decoder")  # fmt: skip
         # Checkpoints hold only the trainable weights; the locked ones come from the config.
         self.strict_loading = False
         self.data_position: tuple[int, int] = (0, -1)
@@ -73,7 +77,8 @@ class ControlNetModule(L.LightningModule):
 
     # -- parameters ------------------------------------------------------------------------
     def locked_modules(self) -> list[torch.nn.Module]:
-        return [m for m in (self.vae, self.text_encoder, self.text_encoder_2, self.unet) if m is not None]
+        unet = None if self.base_training else self.unet
+        return [m for m in (self.vae, self.text_encoder, self.text_encoder_2, unet) if m is not None]
 
     def trainable_named_parameters(self) -> dict[str, torch.nn.Parameter]:
         # Names as checkpoints store them, also when FSDP or checkpointing wrappers sit in the path.
@@ -87,7 +92,9 @@ class ControlNetModule(L.LightningModule):
         super().train(mode)
         for module in self.locked_modules():
             module.eval()
-        if not self.sd_locked:
+        if self.base_training:
+            self.unet.train(mode)
+        elif not self.sd_locked:
             for module in unet_decoder_modules(self.unet):
                 module.train(mode)
         return self
@@ -184,8 +191,9 @@ class ControlNetModule(L.LightningModule):
         if self.global_rank > 0:
             torch.manual_seed(self.seed + 7919 * self.global_rank + self.trainer.global_step)
         for name in ("controlnet", "unet", "vae", "text_encoder"):
-            p = next(getattr(self, name).parameters())
-            log.info("%s on %s in %s", name, p.device, p.dtype)
+            module = getattr(self, name)
+            if module is not None:
+                log.info("%s on %s in %s", name, module.device, module.dtype)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
         # The loader sends uint8; the floats of the contract are made here, on the device.
@@ -213,9 +221,12 @@ class ControlNetModule(L.LightningModule):
     # -- optimizer -------------------------------------------------------------------------
     def configure_optimizers(self):
         o = self.optim_cfg
-        trainable = [p for p in self.controlnet.parameters() if p.requires_grad]
-        groups = [{"params": trainable, "lr": o.lr * self.lr_scale, "name": "controlnet"}]
-        if not self.sd_locked:
+        if self.base_training:
+            groups = [{"params": list(self.unet.parameters()), "lr": o.lr * self.lr_scale, "name": "unet"}]
+        else:
+            trainable = [p for p in self.controlnet.parameters() if p.requires_grad]
+            groups = [{"params": trainable, "lr": o.lr * self.lr_scale, "name": "controlnet"}]
+        if not self.sd_locked and not self.base_training:
             groups.append({"params": self.unet_decoder_parameters(), "lr": o.unet_lr * self.lr_scale,
                            "name": "unet_decoder"})  # fmt: skip
         fused = bool(o.fused) and self.device.type == "cuda"

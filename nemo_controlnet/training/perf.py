@@ -45,14 +45,15 @@ def apply_performance(module, perf: DictConfig, device_type: str) -> dict:
     """Apply the ``perf`` config to a ControlNetModule; returns what was applied, for the log."""
     applied = {}
     ckpt = perf.get("gradient_checkpointing") or {}
-    if ckpt.get("controlnet"):
+    if ckpt.get("controlnet") and module.controlnet is not None:
         applied["checkpointed_controlnet_blocks"] = checkpoint_blocks([module.controlnet])
     if ckpt.get("unet_decoder"):
         # The decoder keeps activations even when locked: the residuals' gradients flow through it.
         applied["checkpointed_unet_decoder_blocks"] = checkpoint_blocks(module.unet.up_blocks)
     if resolve(perf.get("channels_last", "auto"), device_type):
         for name in ("controlnet", "unet", "vae"):
-            getattr(module, name).to(memory_format=torch.channels_last)
+            if getattr(module, name) is not None:
+                getattr(module, name).to(memory_format=torch.channels_last)
         module.channels_last = True
         applied["channels_last"] = True
     if device_type == "cuda" and perf.get("tf32", True):
@@ -61,7 +62,8 @@ def apply_performance(module, perf: DictConfig, device_type: str) -> dict:
         applied["tf32"] = True
     if perf.get("compile"):
         backend = perf.get("compile_backend", "inductor")
-        applied["compiled_blocks"] = compile_blocks(module.controlnet, backend) + compile_blocks(module.unet, backend)
+        networks = [m for m in (module.controlnet, module.unet) if m is not None]
+        applied["compiled_blocks"] = sum(compile_blocks(m, backend) for m in networks)
     if device_type == "cuda":
         b = torch.backends.cuda
         applied["sdpa"] = {"flash": b.flash_sdp_enabled(), "mem_efficient": b.mem_efficient_sdp_enabled(),

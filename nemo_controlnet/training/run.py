@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import warnings
@@ -21,7 +22,8 @@ from nemo_controlnet.data.datamodule import ShardDataModule, validation_samples
 from nemo_controlnet.data.encode import cached_encoding, check_encoder
 from nemo_controlnet.data.synthetic import write_shapes_dataset
 from nemo_controlnet.io import atomic_path
-from nemo_controlnet.models.formats import export_controlnet, export_original_controlnet
+from nemo_controlnet.inference.pipeline import controlnet_pipeline
+from nemo_controlnet.models.formats import export_base, export_controlnet, export_original_controlnet
 from nemo_controlnet.training.callbacks import Preemption, StepCheckpoint, Throughput, ValidationImages
 from nemo_controlnet.training.distributed import configure_fsdp, full_controlnet, is_fsdp
 from nemo_controlnet.training.checkpoint import AtomicCheckpointIO, latest_checkpoint, list_checkpoints
@@ -99,16 +101,34 @@ def export_metadata(cfg: DictConfig, module: ControlNetModule, step: int) -> dic
 
 
 def export_run(
-    cfg: DictConfig, module: ControlNetModule, run_dir: Path, step: int, controlnet: torch.nn.Module | None = None
+    cfg: DictConfig,
+    module: ControlNetModule,
+    run_dir: Path,
+    step: int,
+    controlnet: torch.nn.Module | None = None,
+    metrics: dict | None = None,
 ) -> Path:
     """run_dir/controlnet (diffusers, with model card and the newest validation grid) and, with
     ``export.original``, run_dir/control_<run name>.safetensors for A1111 and ComfyUI.
-    ``controlnet``: the whole ControlNet when the module's is sharded (``full_controlnet``)."""
+    ``controlnet``: the whole ControlNet when the module's is sharded (``full_controlnet``);
+    ``metrics``: the last validation's scores, for the model card."""
+    metadata = export_metadata(cfg, module, step)
+    if metrics:
+        metadata["validation_metrics"] = metrics
+    elif (run_dir / "samples" / "metrics.jsonl").is_file():  # re-export: the newest recorded
+        lines = (run_dir / "samples" / "metrics.jsonl").read_text().splitlines()
+        metadata["validation_metrics"] = json.loads(lines[-1]) if lines else {}
+    if module.base_training:  # no ControlNet: the trained base is the result
+        pipe = controlnet_pipeline(module.unet, None, module.vae, module.text_encoder, module.tokenizer,
+                                   module.noise_scheduler.config, "ddim", module.text_encoder_2,
+                                   module.tokenizer_2)  # fmt: skip
+        pipe.scheduler = module.noise_scheduler  # the training scheduler, as a base directory carries it
+        return export_base(pipe, run_dir / "base", metadata)
     controlnet = module.controlnet if controlnet is None else controlnet
     unet = None if module.sd_locked else module.unet
     grids = sorted((run_dir / "samples").glob("step_*.png"))
     out = export_controlnet(
-        controlnet, run_dir / "controlnet", export_metadata(cfg, module, step), unet=unet,
+        controlnet, run_dir / "controlnet", metadata, unet=unet,
         grid=grids[-1] if grids else None,
     )  # fmt: skip
     if cfg.export.get("original"):
@@ -153,24 +173,16 @@ def train(cfg: DictConfig) -> tuple[L.Trainer, ControlNetModule]:
     datamodule = ShardDataModule(
         cfg.data, int(cfg.model.hint_channels), int(cfg.seed), cfg.model.control_key, cached=bool(encoded)
     )
-    prompts, hints = validation_samples(cfg.validation, cfg.data, int(cfg.model.hint_channels))
+    prompts, hints, metas = validation_samples(cfg.validation, cfg.data, int(cfg.model.hint_channels))
 
     logger = _logger(cfg, run_dir)
     preemption = Preemption(ckpt_dir)
-    callbacks = [
-        StepCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last),
-        preemption,
-        ValidationImages(
-            run_dir / "samples",
-            prompts,
-            hints,
-            cfg.validation.every_n_steps,
-            cfg.validation.num_inference_steps,
-            cfg.validation.guidance_scale,
-            cfg.validation.seed,
-            cfg.validation.sampler,
-        ),
-    ]
+    validation = ValidationImages(
+        run_dir / "samples", prompts, hints, cfg.validation.every_n_steps, cfg.validation.num_inference_steps,
+        cfg.validation.guidance_scale, cfg.validation.seed, cfg.validation.sampler, metas,
+    )  # fmt: skip
+    checkpoints = StepCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last)
+    callbacks = [checkpoints, preemption, validation]
     perf = cfg.get("perf") or {}
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if isinstance(trainer_kwargs.get("strategy"), dict):  # a strategy object from a _target_ node
@@ -217,7 +229,7 @@ def train(cfg: DictConfig) -> tuple[L.Trainer, ControlNetModule]:
     elif cfg.export.enabled:
         controlnet = full_controlnet(trainer, module)  # under FSDP a collective: every rank takes part
         if trainer.is_global_zero:
-            export_run(cfg, module, run_dir, trainer.global_step, controlnet)
+            export_run(cfg, module, run_dir, trainer.global_step, controlnet, validation.last_metrics)
     return trainer, module
 
 
