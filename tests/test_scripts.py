@@ -39,3 +39,12 @@ def test_scaling_counts_the_real_controlnet_and_uses_measured_step_times():
     assert rows[1]["allreduce_s"] > 10 * rows[0]["allreduce_s"]
     assert all(r["no_overlap"] <= r["overlapped"] <= 1 for r in rows) and rows[1]["no_overlap"] < rows[0]["no_overlap"]
     assert 0 < rows[0]["controlnet_forward"] < rows[0]["forward"] < rows[0]["backward"] + rows[0]["forward"]
+
+
+def test_bench_offload_runs_every_strategy():
+    rows = _load("bench_offload").main(["--model", "tiny", "--resolution", "64", "--batch-size", "2", "--steps", "1",
+                                        "--warmup", "0"])  # fmt: skip
+    assert [(r["offload"], r["storage"]) for r in rows] == [
+        ("none", "gpu"), ("accelerate", "gpu"), ("manual_swap", "gpu"), ("manual_swap", "cpu_pinned")
+    ]  # fmt: skip
+    assert all(r["samples_per_s"] > 0 for r in rows)

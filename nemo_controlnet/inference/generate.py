@@ -117,6 +117,9 @@ def load_sampler(cfg: DictConfig) -> Sampler:
         unet, controlnet, stack.vae, stack.text_encoder, stack.tokenizer, stack.noise_scheduler.config,
         cfg.sampler, stack.text_encoder_2, stack.tokenizer_2,
     )  # fmt: skip
+    if cfg.get("lora"):  # an adapter trained under this ControlNet (adapter mode: run_dir/lora)
+        pipe.load_lora_weights(str(cfg.lora))
+        log.info("LoRA loaded from %s", cfg.lora)
     resolution = int(cfg.get("resolution") or meta.get("resolution") or 512)
     return Sampler(pipe, meta, hint_channels, resolution, device, dtype)
 
@@ -141,6 +144,7 @@ def generate(cfg: DictConfig) -> list[Path]:
             seed=int(cfg.seed) + start,
             dtype=dtype,
             negative_prompt=cfg.negative_prompt,
+            guess_mode=bool(cfg.get("guess_mode", False)),
         )
         for i, image in enumerate(images):
             path = out_dir / f"{start + i:05d}.png"

@@ -52,6 +52,7 @@ def sample(
     seed: int | list[int] = 0,
     dtype: torch.dtype = torch.float32,
     negative_prompt: str | None = None,
+    guess_mode: bool = False,
 ) -> np.ndarray:
     """Images (N, H, W, 3) uint8 for prompts and hints (N, C, H, W) in [0, 1] (the training range).
 
@@ -68,7 +69,10 @@ def sample(
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     control = {}
     if getattr(pipe, "controlnet", None) is not None:  # a text-to-image pipeline takes no hint
-        control = {"image": hints.to(device, torch.float32), "controlnet_conditioning_scale": control_scale}
+        # Classifier-free guidance: the pipeline runs the unconditional pass with the same hint; with
+        # guess_mode the ControlNet drives the conditional pass only (control without relying on text).
+        control = {"image": hints.to(device, torch.float32), "controlnet_conditioning_scale": control_scale,
+                   "guess_mode": guess_mode}  # fmt: skip
     with autocast:
         out = pipe(
             prompt=list(prompts),

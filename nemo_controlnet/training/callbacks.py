@@ -105,6 +105,7 @@ class ValidationImages(_EveryNOptimizerSteps):
         seed: int = 0,
         sampler: str = "unipc",
         metas: list[dict] | None = None,
+        guess_mode: bool = False,
     ):
         super().__init__(every_n_steps)
         self.out_dir = Path(out_dir)
@@ -113,6 +114,7 @@ class ValidationImages(_EveryNOptimizerSteps):
         self.num_inference_steps, self.guidance_scale = num_inference_steps, guidance_scale
         self.seed, self.sampler = seed, sampler
         self.last_metrics: dict = {}  # the newest means, with their step (for the model card)
+        self.guess_mode = guess_mode
 
     def on_train_start(self, trainer, pl_module):
         if trainer.global_step == 0:  # the untrained baseline, to compare later grids with
@@ -151,7 +153,7 @@ class ValidationImages(_EveryNOptimizerSteps):
                     pipe, [self.prompts[i] for i in mine], self.hints[mine],
                     num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
                     control_scale=pl_module.control_scale, seed=[self.seed + i for i in mine],
-                    dtype=pl_module.locked_dtype,
+                    dtype=pl_module.locked_dtype, guess_mode=self.guess_mode,
                 ) if mine else None  # fmt: skip
         finally:
             pl_module.train(was_training)

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from nemo_controlnet.data.transforms import normalize_batch
 from nemo_controlnet.training.distributed import clean_name, is_fsdp
+from nemo_controlnet.models.adapters import ControlResiduals, add_adapter, make_adapter_config
 from nemo_controlnet.models.controlnet import controlled_unet_forward, set_only_mid_control, unet_decoder_modules
 from nemo_controlnet.models.stack import (
     build_stack,
@@ -30,7 +31,15 @@ CHECKPOINT_META = "nemo_controlnet"
 
 
 class ControlNetModule(L.LightningModule):
-    def __init__(self, model_cfg: DictConfig, optim_cfg: DictConfig, precision: str | int = 32, seed: int = 0):
+    def __init__(
+        self,
+        model_cfg: DictConfig,
+        optim_cfg: DictConfig,
+        precision: str | int = 32,
+        seed: int = 0,
+        adapter_cfg: DictConfig | None = None,
+        controlnet_cfg: DictConfig | None = None,
+    ):
         super().__init__()
         self.model_cfg, self.optim_cfg = model_cfg, optim_cfg
         self.sd_locked = bool(model_cfg.sd_locked)
@@ -63,7 +72,15 @@ class ControlNetModule(L.LightningModule):
         elif not self.sd_locked:
             for module in unet_decoder_modules(self.unet):
                 module.requires_grad_(True).to(torch.float32).train()
+        # Adapter mode: a LoRA/LoKr on the locked UNet under a frozen (pretrained) ControlNet.
+        self.adapter_cfg, self.controlnet_opts = adapter_cfg, controlnet_cfg or {}
+        self.controlnet_trains = not self.adapter_cfg or bool(self.controlnet_opts.get("train", False))
+        self.residuals = None
+        if self.adapter_cfg:
+            self._setup_adapter_mode()
         trainable = "unet (base training, no ControlNet)" if self.base_training else "controlnet"
+        if self.adapter_cfg:
+            trainable = f"{self.adapter_cfg.type} adapter" + (" + controlnet" if self.controlnet_trains else "")
         log.info("locked parts in %s; trainable: %s%s", self.locked_dtype, trainable,
                  "" if self.sd_locked or self.base_training else " + unet decoder")  # fmt: skip
         # Checkpoints hold only the trainable weights; the locked ones come from the config.
@@ -74,6 +91,36 @@ class ControlNetModule(L.LightningModule):
         self.seed = seed
         self.channels_last = False  # set by training.perf.apply_performance
         self.lr_scale = 1.0  # optim.scale_lr: the effective batch
+
+    def _setup_adapter_mode(self) -> None:
+        a, c = self.adapter_cfg, self.controlnet_opts
+        if self.base_training and c.get("use_controlnet", True):
+            raise ValueError("adapter mode with controlnet.use_controlnet=true needs model.control_stage_config "
+                             "(the pretrained ControlNet: controlnet.name_or_path)")  # fmt: skip
+        if not self.sd_locked:
+            raise ValueError("adapter mode trains an adapter on the locked UNet: keep model.sd_locked=true")
+        self.base_training = False  # the UNet itself stays locked; only the adapter trains
+        freeze(self.unet, self.locked_dtype)
+        if self.controlnet is not None and not self.controlnet_trains:
+            freeze(self.controlnet, self.locked_dtype)
+        add_adapter(self.unet, make_adapter_config(a.type, int(a.rank), float(a.alpha), list(a.target_modules),
+                                                   float(a.get("dropout", 0.0))))  # fmt: skip
+        if self.controlnet is not None and not self.controlnet_trains:
+            self.residuals = ControlResiduals(self.controlnet, c.get("offload_strategy", "none"),
+                                              c.get("residual_storage", "gpu"))  # fmt: skip
+        log.info("adapter mode: %s rank %s on the UNet; ControlNet %s (offload %s, residuals on %s)", a.type, a.rank,
+                 "trains too" if self.controlnet_trains else "frozen (controlnet.train=false)",
+                 c.get("offload_strategy", "none"), c.get("residual_storage", "gpu"))  # fmt: skip
+
+    def on_fit_start(self) -> None:
+        if self.residuals is None:
+            return
+        if self.residuals.offload == "accelerate" and self.device.type == "cpu":
+            # Nothing to offload to; and diffusers' pipelines would take the hooks' meta weights for
+            # the pipeline's device. (The hooks themselves are tested: tests/test_adapters.py.)
+            log.info("offload_strategy=accelerate on a CPU: the ControlNet stays resident")
+            self.residuals.offload = "none"
+        self.residuals.place(self.device)  # after Lightning placed the module: offload/swap from here
 
     # -- parameters ------------------------------------------------------------------------
     def locked_modules(self) -> list[torch.nn.Module]:
@@ -92,11 +139,13 @@ class ControlNetModule(L.LightningModule):
         super().train(mode)
         for module in self.locked_modules():
             module.eval()
-        if self.base_training:
-            self.unet.train(mode)
+        if self.base_training or getattr(self, "adapter_cfg", None):
+            self.unet.train(mode)  # (adapter mode: the adapter's dropout; SD's UNet itself has none)
         elif not self.sd_locked:
             for module in unet_decoder_modules(self.unet):
                 module.train(mode)
+        if getattr(self, "residuals", None) is not None:
+            self.controlnet.eval()  # frozen
         return self
 
     # -- the step --------------------------------------------------------------------------
@@ -173,10 +222,19 @@ class ControlNetModule(L.LightningModule):
             0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device
         )
         noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        pred = controlled_unet_forward(
-            self.unet, self.controlnet, noisy_latents, timesteps, encoder_hidden_states, hint, self.control_scale,
-            added_cond_kwargs,
-        )  # fmt: skip
+        if self.residuals is not None:  # frozen ControlNet: detached residuals, then the UNet with its adapter
+            down, mid = self.residuals(noisy_latents, timesteps, encoder_hidden_states, hint, self.control_scale,
+                                       added_cond_kwargs)  # fmt: skip
+            dtype = self.unet.dtype
+            down, mid = self.residuals.fetch(down, mid, noisy_latents.device, dtype)
+            pred = self.unet(noisy_latents.to(dtype), timesteps, encoder_hidden_states=encoder_hidden_states.to(dtype),
+                             down_block_additional_residuals=down, mid_block_additional_residual=mid,
+                             added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]  # fmt: skip
+        else:
+            pred = controlled_unet_forward(
+                self.unet, self.controlnet, noisy_latents, timesteps, encoder_hidden_states, hint,
+                self.control_scale, added_cond_kwargs,
+            )  # fmt: skip
         if self.prediction_type == "epsilon":
             target = noise
         elif self.prediction_type == "v_prediction":
@@ -221,12 +279,20 @@ class ControlNetModule(L.LightningModule):
     # -- optimizer -------------------------------------------------------------------------
     def configure_optimizers(self):
         o = self.optim_cfg
-        if self.base_training:
+        if self.adapter_cfg:
+            adapter = [p for p in self.unet.parameters() if p.requires_grad]
+            lr = float(self.adapter_cfg.get("lr") or o.lr)
+            groups = [{"params": adapter, "lr": lr * self.lr_scale, "name": f"{self.adapter_cfg.type}_adapter"}]
+            if self.controlnet_trains and self.controlnet is not None:
+                cn_lr = float(self.controlnet_opts.get("lr") or o.lr)
+                groups.append({"params": [p for p in self.controlnet.parameters() if p.requires_grad],
+                               "lr": cn_lr * self.lr_scale, "name": "controlnet"})  # fmt: skip
+        elif self.base_training:
             groups = [{"params": list(self.unet.parameters()), "lr": o.lr * self.lr_scale, "name": "unet"}]
         else:
             trainable = [p for p in self.controlnet.parameters() if p.requires_grad]
             groups = [{"params": trainable, "lr": o.lr * self.lr_scale, "name": "controlnet"}]
-        if not self.sd_locked and not self.base_training:
+        if not self.sd_locked and not self.base_training and not self.adapter_cfg:
             groups.append({"params": self.unet_decoder_parameters(), "lr": o.unet_lr * self.lr_scale,
                            "name": "unet_decoder"})  # fmt: skip
         fused = bool(o.fused) and self.device.type == "cuda"
@@ -258,6 +324,8 @@ class ControlNetModule(L.LightningModule):
         checkpoint[CHECKPOINT_META] = {
             "base_fingerprint": self.base_fingerprint,
             "sd_locked": self.sd_locked,
+            "adapter": self.adapter_cfg.type if self.adapter_cfg else None,
+            "controlnet_finetuned": bool(self.adapter_cfg) and self.controlnet_trains,
             "data_position": list(self.data_position),
             # Noise, timesteps and caption dropout continue where they were instead of replaying
             # the draws of step 0 (this rank's generator; ranks are seeded alike).

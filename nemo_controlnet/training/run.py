@@ -23,6 +23,7 @@ from nemo_controlnet.data.encode import cached_encoding, check_encoder
 from nemo_controlnet.data.synthetic import write_shapes_dataset
 from nemo_controlnet.io import atomic_path
 from nemo_controlnet.inference.pipeline import controlnet_pipeline
+from nemo_controlnet.models.adapters import check_adapter_run, save_lora
 from nemo_controlnet.models.formats import export_base, export_controlnet, export_original_controlnet
 from nemo_controlnet.training.callbacks import Preemption, StepCheckpoint, Throughput, ValidationImages
 from nemo_controlnet.training.distributed import configure_fsdp, full_controlnet, is_fsdp
@@ -118,6 +119,20 @@ def export_run(
     elif (run_dir / "samples" / "metrics.jsonl").is_file():  # re-export: the newest recorded
         lines = (run_dir / "samples" / "metrics.jsonl").read_text().splitlines()
         metadata["validation_metrics"] = json.loads(lines[-1]) if lines else {}
+    if module.adapter_cfg:  # adapter mode: the LoRA (diffusers format) is the result
+        opts = module.controlnet_opts
+        metadata["adapter"] = OmegaConf.to_container(module.adapter_cfg, resolve=True)
+        metadata["controlnet"] = {
+            "name_or_path": opts.get("name_or_path"), "finetuned": module.controlnet_trains,
+            "offload_strategy": opts.get("offload_strategy"), "residual_storage": opts.get("residual_storage"),
+            "hint": {k: opts.get(k) for k in ("type", "canny_threshold1", "canny_threshold2", "blur", "control_size")},
+        }  # fmt: skip
+        out = run_dir / "lora"
+        save_lora(module.unet, out, metadata)
+        if module.controlnet_trains and module.controlnet is not None:
+            export_controlnet(module.controlnet if controlnet is None else controlnet, run_dir / "controlnet", metadata)
+        log.info("exported the %s adapter to %s", module.adapter_cfg.type, out)
+        return out
     if module.base_training:  # no ControlNet: the trained base is the result
         pipe = controlnet_pipeline(module.unet, None, module.vae, module.text_encoder, module.tokenizer,
                                    module.noise_scheduler.config, "ddim", module.text_encoder_2,
@@ -142,7 +157,9 @@ def export_run(
 
 
 def train(cfg: DictConfig) -> tuple[L.Trainer, ControlNetModule]:
+    OmegaConf.resolve(cfg)  # sub-configs go on alone (model, data): their cross-references resolved here
     validate_train_config(cfg)
+    check_adapter_run(cfg, cuda=torch.cuda.is_available() and cfg.trainer.accelerator != "cpu")
     run_dir = Path(cfg.run_dir)
     ckpt_dir = run_dir / "checkpoints"
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -166,7 +183,8 @@ def train(cfg: DictConfig) -> tuple[L.Trainer, ControlNetModule]:
         _write_run_config(cfg, run_dir)
 
     L.seed_everything(cfg.seed, workers=True)
-    module = ControlNetModule(cfg.model, cfg.optim, cfg.trainer.precision, seed=int(cfg.seed))
+    module = ControlNetModule(cfg.model, cfg.optim, cfg.trainer.precision, seed=int(cfg.seed),
+                              adapter_cfg=cfg.get("adapter"), controlnet_cfg=cfg.get("controlnet"))  # fmt: skip
     check_resolution(module, int(cfg.data.resolution))
     if encoded:
         check_encoder(encoded, module.encoder_fingerprint)
@@ -180,6 +198,7 @@ def train(cfg: DictConfig) -> tuple[L.Trainer, ControlNetModule]:
     validation = ValidationImages(
         run_dir / "samples", prompts, hints, cfg.validation.every_n_steps, cfg.validation.num_inference_steps,
         cfg.validation.guidance_scale, cfg.validation.seed, cfg.validation.sampler, metas,
+        bool(cfg.validation.get("guess_mode", False)),
     )  # fmt: skip
     checkpoints = StepCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last)
     callbacks = [checkpoints, preemption, validation]
@@ -250,7 +269,8 @@ def export_checkpoint(
     path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir / "checkpoints")
     if path is None or not path.is_file():
         raise FileNotFoundError(f"no checkpoint to export in {run_dir / 'checkpoints'}")
-    module = ControlNetModule(cfg.model, cfg.optim, cfg.trainer.precision)
+    module = ControlNetModule(cfg.model, cfg.optim, cfg.trainer.precision, adapter_cfg=cfg.get("adapter"),
+                              controlnet_cfg=cfg.get("controlnet"))  # fmt: skip
     state = AtomicCheckpointIO().load_checkpoint(path)
     module.on_load_checkpoint(state)
     module.load_state_dict(state["state_dict"], strict=False)

@@ -1,0 +1,157 @@
+"""Adapter mode (issue: LoRA/LoKr under a frozen pretrained ControlNet): the pieces below the trainer.
+
+- ``make_adapter_config`` / ``add_adapter``: a peft LoRA or LoKr on the base UNet through diffusers'
+  own peft integration (``UNet2DConditionModel.add_adapter``), trainable weights kept in fp32.
+- ``ControlResiduals``: runs the frozen ControlNet for a step and hands back detached per-scale
+  residuals (12 down + 1 mid for SD 1.5), with the ControlNet resident, offloaded by accelerate's
+  hooks (weights on the host, brought to the device for the call), or swapped by hand; and the
+  residuals kept on the device or parked in pinned host memory until the UNet takes them.
+- ``check_adapter_options``: the combinations that cannot work, refused before anything loads.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+OFFLOAD_STRATEGIES = ("none", "accelerate", "manual_swap")
+RESIDUAL_STORAGE = ("gpu", "cpu_pinned")
+ADAPTER_TYPES = ("lora", "lokr")
+
+
+def check_adapter_options(offload: str, storage: str, cuda: bool, dev_mode: bool = False) -> None:
+    """Refuse what cannot run, naming the key: unknown values; pinned host memory without CUDA
+    (allowed with ``manual_swap`` in ``dev_mode``, where the host copy is plain memory)."""
+    if offload not in OFFLOAD_STRATEGIES:
+        raise ValueError(f"controlnet.offload_strategy={offload!r}: use one of {OFFLOAD_STRATEGIES}")
+    if storage not in RESIDUAL_STORAGE:
+        raise ValueError(f"controlnet.residual_storage={storage!r}: use one of {RESIDUAL_STORAGE}")
+    if storage == "cpu_pinned" and not cuda and not (dev_mode and offload == "manual_swap"):
+        raise ValueError(
+            "controlnet.residual_storage=cpu_pinned needs CUDA (pinned host memory feeds a GPU); on a CPU use "
+            "residual_storage=gpu, or offload_strategy=manual_swap with controlnet.dev_mode=true to test the path"
+        )
+
+
+def check_adapter_run(cfg, cuda: bool) -> None:
+    """A training config's ``adapter``/``controlnet`` blocks, before anything loads."""
+    c = cfg.get("controlnet") or {}
+    if not cfg.get("adapter"):
+        return
+    check_adapter_options(c.get("offload_strategy", "none"), c.get("residual_storage", "gpu"), cuda,
+                          bool(c.get("dev_mode", False)))  # fmt: skip
+    if c.get("control_size") not in (None, cfg.data.resolution):
+        raise ValueError(f"controlnet.control_size={c.get('control_size')}: hints are made at data.resolution="
+                         f"{cfg.data.resolution}; leave it null or equal")  # fmt: skip
+    if c.get("use_controlnet", True) and not c.get("name_or_path"):
+        raise ValueError("controlnet.name_or_path: required in adapter mode (the pretrained ControlNet to keep frozen)")
+    if c.get("precompute_control") and c.get("generate_on_the_fly"):
+        raise ValueError("controlnet.precompute_control=true and generate_on_the_fly=true: choose one hint source")
+    log.info("adapter mode: controlnet.train=%s", bool(c.get("train", False)))
+
+
+def make_adapter_config(kind: str, rank: int, alpha: float, target_modules: list[str], dropout: float = 0.0):
+    """A peft config: LoRA, or LoKr (peft's Kronecker-product adapter)."""
+    from peft import LoKrConfig, LoraConfig
+
+    if kind == "lora":
+        return LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(target_modules), lora_dropout=dropout,
+                          init_lora_weights="gaussian")  # fmt: skip
+    if kind == "lokr":
+        return LoKrConfig(r=rank, alpha=alpha, target_modules=list(target_modules), rank_dropout=dropout)
+    raise ValueError(f"adapter.type={kind!r}: use one of {ADAPTER_TYPES}")
+
+
+def add_adapter(unet: torch.nn.Module, config) -> list[torch.nn.Parameter]:
+    """Inject the adapter into the (frozen) UNet; its weights train in fp32 whatever the UNet's dtype."""
+    unet.add_adapter(config)
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    if not trainable:
+        raise ValueError(f"adapter target_modules={list(config.target_modules)} matched no layer of the UNet")
+    for p in trainable:
+        p.data = p.data.float()
+    log.info("%s adapter: %.3fM trainable parameters in %d tensors", type(config).__name__,
+             sum(p.numel() for p in trainable) / 1e6, len(trainable))  # fmt: skip
+    return trainable
+
+
+class ControlResiduals:
+    """The frozen ControlNet's residuals for one step, wherever the ControlNet and the residuals live."""
+
+    def __init__(self, controlnet: torch.nn.Module, offload: str = "none", storage: str = "gpu"):
+        self.controlnet, self.offload, self.storage = controlnet, offload, storage
+        self.device: torch.device | None = None
+
+    def place(self, device: torch.device) -> None:
+        """Put the ControlNet where the strategy wants it, once the compute device is known."""
+        self.device = torch.device(device)
+        if self.offload == "accelerate":
+            from accelerate import cpu_offload
+
+            self.controlnet.to("cpu")
+            cpu_offload(self.controlnet, execution_device=self.device)  # weights stay on the host
+        elif self.offload == "manual_swap":
+            self.controlnet.to("cpu")
+        else:
+            self.controlnet.to(self.device)
+
+    @torch.no_grad()
+    def __call__(self, noisy_latents, timesteps, encoder_hidden_states, hint, scale=1.0, added_cond_kwargs=None):
+        """Detached (down residuals, mid residual), parked per ``storage``; ``fetch`` brings them back."""
+        if self.device is None:
+            self.place(noisy_latents.device)
+        if self.offload == "manual_swap":
+            self.controlnet.to(self.device)
+        try:
+            dtype = self.controlnet.dtype
+            down, mid = self.controlnet(
+                noisy_latents.to(dtype), timesteps, encoder_hidden_states=encoder_hidden_states.to(dtype),
+                controlnet_cond=hint.to(dtype), conditioning_scale=scale, added_cond_kwargs=added_cond_kwargs,
+                return_dict=False,
+            )  # fmt: skip
+        finally:
+            if self.offload == "manual_swap":
+                self.controlnet.to("cpu")
+        residuals = [r.detach() for r in (*down, mid)]
+        if self.storage == "cpu_pinned":
+            pinned = torch.cuda.is_available()
+            residuals = [r.to("cpu", non_blocking=pinned).pin_memory() if pinned else r.cpu() for r in residuals]
+        return residuals[:-1], residuals[-1]
+
+    def fetch(self, down: list[torch.Tensor], mid: torch.Tensor, device, dtype) -> tuple[list, torch.Tensor]:
+        """The residuals on the UNet's device and dtype (non-blocking copies from pinned memory)."""
+        move = lambda r: r.to(device=device, dtype=dtype, non_blocking=True)  # noqa: E731
+        return [move(r) for r in down], move(mid)
+
+
+def save_lora(unet: torch.nn.Module, out_dir, metadata: dict | None = None) -> None:
+    """The UNet's LoRA as diffusers writes it (``pytorch_lora_weights.safetensors``, with the adapter's
+    rank/alpha recorded so the scale survives), which ``pipe.load_lora_weights(out_dir)`` reads; a
+    LoKr in peft's format (``adapter_config.json`` + ``adapter_model.safetensors``)."""
+    import json
+    from pathlib import Path
+
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    from nemo_controlnet.io import atomic_dir
+
+    config = unet.peft_config["default"]
+    with atomic_dir(Path(out_dir)) as tmp:
+        if type(config).__name__ == "LoraConfig":
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+            StableDiffusionPipeline.save_lora_weights(
+                tmp, unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=config.to_dict(),
+            )  # fmt: skip
+        else:  # LoKr: diffusers' LoRA loader does not read it; peft's own format (adapter_config.json + weights)
+            from safetensors.torch import save_file
+
+            config.save_pretrained(tmp)
+            save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(unet).items()},
+                      tmp / "adapter_model.safetensors")  # fmt: skip
+        if metadata is not None:
+            (tmp / "nemo_controlnet.json").write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str))
