@@ -55,7 +55,7 @@ def _residual_shapes_of_the_unet(unet, inputs) -> list[tuple]:
     return shapes + mid
 
 
-def test_residual_shapes_match_the_unet_blocks(parts):
+def test_residual_shapes_test(parts):
     module, inputs = parts
     down, mid = ControlResiduals(module.controlnet)(**inputs)
     assert all(not r.requires_grad for r in (*down, mid))  # detached: no graph through the frozen ControlNet
@@ -78,7 +78,9 @@ def test_sd15_gives_12_down_residuals_and_one_mid():
 @pytest.mark.parametrize(
     "offload, storage", [("accelerate", "gpu"), ("manual_swap", "gpu"), ("manual_swap", "cpu_pinned")]
 )
-def test_swapped_or_offloaded_control_equals_the_resident_flow(parts, offload, storage):
+def test_swap_correctness_test(parts, offload, storage):
+    """Offloaded (accelerate's hooks) or swapped ControlNets, residuals parked on the host or not: the
+    UNet's prediction is bit-identical to the resident flow's."""
     module, inputs = parts
     expected = controlled_unet_forward(module.unet, module.controlnet, **inputs)
     moved = ControlResiduals(copy.deepcopy(module.controlnet), offload, storage)
@@ -90,6 +92,37 @@ def test_swapped_or_offloaded_control_equals_the_resident_flow(parts, offload, s
     torch.testing.assert_close(pred, expected.detach(), rtol=0, atol=0)  # the same numbers, not just close
     if offload == "manual_swap":
         assert next(moved.controlnet.parameters()).device.type == "cpu"  # swapped back out after the call
+
+
+def _swap_spy(residuals):
+    """Per ControlNet call: whether its first conv ran on a swapped-in copy (not the host weights)."""
+    conv = residuals.controlnet.conv_in
+    host = residuals._host[(conv, "weight")]
+    seen = []
+    conv.register_forward_pre_hook(lambda m, a: seen.append(m.weight.data_ptr() != host.data_ptr()))
+    return conv, host, seen
+
+
+def test_manual_swap_brings_the_weights_for_each_call_and_back_also_inside_a_pipeline(parts):
+    """The swap is a hook on the ControlNet's forward: the training call and a diffusers pipeline's
+    calls (validation, sampling) both run on a device copy; between calls the host copy is all there is."""
+    from nemo_controlnet.inference.pipeline import controlnet_pipeline, sample
+
+    module, inputs = parts
+    swapped = ControlResiduals(copy.deepcopy(module.controlnet), "manual_swap", "gpu")
+    swapped.place(torch.device("cpu"))
+    conv, host, seen = _swap_spy(swapped)
+    swapped(**inputs)
+    assert seen == [True] and conv.weight.data_ptr() == host.data_ptr()
+    pipe = controlnet_pipeline(module.unet, swapped.controlnet, module.vae, module.text_encoder, module.tokenizer,
+                               module.noise_scheduler.config)  # fmt: skip
+    images = sample(pipe, ["a circle"], inputs["hint"][:1], num_inference_steps=2, guidance_scale=2.0)
+    assert images.shape == (1, 64, 64, 3)
+    assert seen == [True] * 3 and conv.weight.data_ptr() == host.data_ptr()  # two steps, one batched CFG call each
+    reference = controlnet_pipeline(module.unet, module.controlnet, module.vae, module.text_encoder,
+                                    module.tokenizer, module.noise_scheduler.config)  # fmt: skip
+    expected = sample(reference, ["a circle"], inputs["hint"][:1], num_inference_steps=2, guidance_scale=2.0)
+    assert (images == expected).all()  # the swapped ControlNet samples what the resident one does
 
 
 def test_lora_and_lokr_train_only_the_adapter_and_start_as_the_base(parts):
@@ -195,6 +228,30 @@ def test_optimizer_param_test(train_cfg, pretrained_controlnet, controlnet_train
     module.on_save_checkpoint(checkpoint)
     assert checkpoint["nemo_controlnet"]["controlnet_finetuned"] is controlnet_train
     assert set(checkpoint["state_dict"]) == set(module.trainable_named_parameters())
+
+
+@pytest.mark.parametrize("offload, storage", [("none", "gpu"), ("manual_swap", "cpu_pinned")])
+def test_compute_control_residuals_gives_the_frozen_controlnets_detached_residuals(
+    train_cfg, pretrained_controlnet, offload, storage
+):
+    """The module's compute_control_residuals(batch, noisy_latents, timesteps): one detached residual per
+    UNet skip (plus the mid), equal to the ControlNet's own output for the batch's captions and hints."""
+    cfg = _adapter_cfg(train_cfg, pretrained_controlnet, f"controlnet.offload_strategy={offload}",
+                       f"controlnet.residual_storage={storage}", "controlnet.dev_mode=true")  # fmt: skip
+    module = ControlNetModule(cfg.model, cfg.optim, adapter_cfg=cfg.adapter, controlnet_cfg=cfg.controlnet)
+    module.residuals.place(torch.device("cpu"))
+    g = torch.Generator().manual_seed(3)
+    batch = {"caption": ["a red circle", "a blue circle"], "hint": torch.rand(2, 3, 64, 64, generator=g)}
+    noisy, timesteps = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([3, 700])
+    down, mid = module.compute_control_residuals(batch, noisy, timesteps)
+    states, _ = module.encode_prompts(batch["caption"])
+    with torch.no_grad():
+        ref_down, ref_mid = module.controlnet(noisy, timesteps, states, batch["hint"], return_dict=False)
+    assert len(down) == len(ref_down) and all(not r.requires_grad for r in (*down, mid))
+    for got, ref in zip((*down, mid), (*ref_down, ref_mid), strict=True):
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    inputs = {"noisy_latents": noisy, "timesteps": timesteps, "encoder_hidden_states": states}
+    assert [tuple(r.shape) for r in (*down, mid)] == _residual_shapes_of_the_unet(module.unet, inputs)
 
 
 @pytest.mark.parametrize("offload", ["none", "accelerate", "manual_swap"])

@@ -79,11 +79,19 @@ def add_adapter(unet: torch.nn.Module, config) -> list[torch.nn.Parameter]:
 
 
 class ControlResiduals:
-    """The frozen ControlNet's residuals for one step, wherever the ControlNet and the residuals live."""
+    """The frozen ControlNet's residuals for one step, wherever the ControlNet and the residuals live.
+
+    ``manual_swap`` keeps the weights on the host (pinned when the device is a GPU) and hooks the
+    ControlNet's forward: before it, the weights are copied to the device; after it, the parameters
+    point at the host copy again (frozen weights: nothing to copy back, the device copy is freed).
+    Being hooks, the swap also happens when a diffusers pipeline calls the ControlNet (validation,
+    sampling), not only in the training step."""
 
     def __init__(self, controlnet: torch.nn.Module, offload: str = "none", storage: str = "gpu"):
         self.controlnet, self.offload, self.storage = controlnet, offload, storage
         self.device: torch.device | None = None
+        self._host: dict[tuple[torch.nn.Module, str], torch.Tensor] = {}
+        self._hooks: list = []
 
     def place(self, device: torch.device) -> None:
         """Put the ControlNet where the strategy wants it, once the compute device is known."""
@@ -94,31 +102,58 @@ class ControlResiduals:
             self.controlnet.to("cpu")
             cpu_offload(self.controlnet, execution_device=self.device)  # weights stay on the host
         elif self.offload == "manual_swap":
-            self.controlnet.to("cpu")
+            self._install_swap()
         else:
             self.controlnet.to(self.device)
+
+    def _tensors(self):
+        for module in self.controlnet.modules():
+            for kind in ("_parameters", "_buffers"):
+                for name, t in getattr(module, kind).items():
+                    if t is not None:
+                        yield module, kind, name, t
+
+    def _install_swap(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        pin = self.device.type == "cuda"
+        self._host = {}
+        for module, _kind, name, t in self._tensors():
+            host = t.detach().to("cpu")
+            self._host[(module, name)] = host.pin_memory() if pin else host
+        self._swap(to_device=False)
+        self._hooks = [
+            self.controlnet.register_forward_pre_hook(lambda *_: self._swap(to_device=True)),
+            self.controlnet.register_forward_hook(lambda *_: self._swap(to_device=False), always_call=True),
+        ]
+
+    def _swap(self, to_device: bool) -> None:
+        for module, kind, name, t in self._tensors():
+            host = self._host[(module, name)]
+            # copy=True: a fresh device copy even when the "device" is the CPU (dev mode tests the path)
+            data = host.to(self.device, non_blocking=True, copy=True) if to_device else host
+            if kind == "_parameters":
+                t.data = data
+            else:
+                module._buffers[name] = data
 
     @torch.no_grad()
     def __call__(self, noisy_latents, timesteps, encoder_hidden_states, hint, scale=1.0, added_cond_kwargs=None):
         """Detached (down residuals, mid residual), parked per ``storage``; ``fetch`` brings them back."""
         if self.device is None:
             self.place(noisy_latents.device)
-        if self.offload == "manual_swap":
-            self.controlnet.to(self.device)
-        try:
-            dtype = self.controlnet.dtype
-            down, mid = self.controlnet(
-                noisy_latents.to(dtype), timesteps, encoder_hidden_states=encoder_hidden_states.to(dtype),
-                controlnet_cond=hint.to(dtype), conditioning_scale=scale, added_cond_kwargs=added_cond_kwargs,
-                return_dict=False,
-            )  # fmt: skip
-        finally:
-            if self.offload == "manual_swap":
-                self.controlnet.to("cpu")
+        dtype = self.controlnet.dtype
+        down, mid = self.controlnet(
+            noisy_latents.to(dtype), timesteps, encoder_hidden_states=encoder_hidden_states.to(dtype),
+            controlnet_cond=hint.to(dtype), conditioning_scale=scale, added_cond_kwargs=added_cond_kwargs,
+            return_dict=False,
+        )  # fmt: skip
         residuals = [r.detach() for r in (*down, mid)]
         if self.storage == "cpu_pinned":
-            pinned = torch.cuda.is_available()
-            residuals = [r.to("cpu", non_blocking=pinned).pin_memory() if pinned else r.cpu() for r in residuals]
+            if self.device.type == "cuda":  # a non-blocking device-to-host copy lands in pinned memory
+                residuals = [r.to("cpu", non_blocking=True) for r in residuals]
+            else:  # dev mode: plain host memory, a copy all the same
+                residuals = [r.to("cpu", copy=True) for r in residuals]
         return residuals[:-1], residuals[-1]
 
     def fetch(self, down: list[torch.Tensor], mid: torch.Tensor, device, dtype) -> tuple[list, torch.Tensor]:

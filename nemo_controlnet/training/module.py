@@ -169,6 +169,35 @@ class ControlNetModule(L.LightningModule):
                     pooled = torch.where(drop[:, None], empty_pooled.to(pooled.dtype), pooled)
         return states, pooled
 
+    def text_conditioning(self, batch: dict, drop_captions: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The step's text embeddings (and SDXL's pooled ones): cached in the batch, or encoded now."""
+        if "text_embeds" in batch:  # cached: the text encoders are not run
+            return self.cached_prompts(batch, drop_captions)
+        captions = self.drop_captions(batch["caption"]) if drop_captions else list(batch["caption"])
+        return self.encode_prompts(captions)
+
+    @torch.no_grad()
+    def compute_control_residuals(
+        self, batch: dict, noisy_latents: torch.Tensor, timesteps: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None, added_cond_kwargs: dict | None = None,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:  # fmt: skip
+        """Adapter mode: the frozen ControlNet's residuals for this step, detached, one per UNet skip
+        (12 down + 1 mid for SD 1.5), on the UNet's device and in its dtype, wherever the ControlNet
+        lives (``controlnet.offload_strategy``) and the residuals waited (``residual_storage``).
+
+        The text conditioning is the step's (caption dropout already applied); without it, the batch's
+        captions are encoded as they are. A dropped caption keeps its hint: the unconditional pass of
+        classifier-free guidance at sampling time sees the same hint too (diffusers' pipelines)."""
+        if self.residuals is None:
+            raise RuntimeError("compute_control_residuals: only in adapter mode with a frozen ControlNet "
+                               "(adapter: block, controlnet.train=false)")  # fmt: skip
+        if encoder_hidden_states is None:
+            encoder_hidden_states, pooled = self.text_conditioning(batch, drop_captions=False)
+            added_cond_kwargs = self.micro_conditioning(batch, pooled, noisy_latents)
+        down, mid = self.residuals(noisy_latents, timesteps, encoder_hidden_states, batch[self.control_key],
+                                   self.control_scale, added_cond_kwargs)  # fmt: skip
+        return self.residuals.fetch(down, mid, noisy_latents.device, self.unet.dtype)
+
     def micro_conditioning(
         self, batch: dict, pooled: torch.Tensor | None, latents: torch.Tensor | None = None
     ) -> dict | None:
@@ -207,11 +236,7 @@ class ControlNetModule(L.LightningModule):
             else:
                 image = batch["image"].to(self.locked_dtype)
                 latents = self.vae.encode(image).latent_dist.sample().float() * self.vae.config.scaling_factor
-            if "text_embeds" in batch:  # cached: the text encoders are not run
-                encoder_hidden_states, pooled = self.cached_prompts(batch, drop_captions)
-            else:
-                captions = self.drop_captions(batch["caption"]) if drop_captions else list(batch["caption"])
-                encoder_hidden_states, pooled = self.encode_prompts(captions)
+            encoder_hidden_states, pooled = self.text_conditioning(batch, drop_captions)
             added_cond_kwargs = self.micro_conditioning(batch, pooled, latents)
             layout = torch.channels_last if self.channels_last else torch.contiguous_format
             latents = latents.contiguous(memory_format=layout)
@@ -223,10 +248,9 @@ class ControlNetModule(L.LightningModule):
         )
         noisy_latents = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.residuals is not None:  # frozen ControlNet: detached residuals, then the UNet with its adapter
-            down, mid = self.residuals(noisy_latents, timesteps, encoder_hidden_states, hint, self.control_scale,
-                                       added_cond_kwargs)  # fmt: skip
+            down, mid = self.compute_control_residuals(batch, noisy_latents, timesteps, encoder_hidden_states,
+                                                       added_cond_kwargs)  # fmt: skip
             dtype = self.unet.dtype
-            down, mid = self.residuals.fetch(down, mid, noisy_latents.device, dtype)
             pred = self.unet(noisy_latents.to(dtype), timesteps, encoder_hidden_states=encoder_hidden_states.to(dtype),
                              down_block_additional_residuals=down, mid_block_additional_residual=mid,
                              added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]  # fmt: skip
