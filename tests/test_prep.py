@@ -32,6 +32,17 @@ class ExitAfter(Canny):
         return super().__call__(image, conditioning, rng)
 
 
+class SignalProbe(Canny):
+    """Canny that refuses to run where SIGTERM would not kill the process (a Python handler in place)."""
+
+    def __call__(self, image, conditioning=None, rng=None):
+        import signal
+
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            raise RuntimeError(f"SIGTERM handled by {signal.getsignal(signal.SIGTERM)!r} in a prep worker")
+        return super().__call__(image, conditioning, rng)
+
+
 def prep_cfg(*overrides: str):
     with initialize_config_module(config_module="nemo_controlnet.conf", version_base="1.3"):
         cfg = compose(config_name="prep", overrides=["workers=1", *overrides])
@@ -185,6 +196,33 @@ def test_bad_inputs_are_converted_or_skipped_never_crash(tmp_path):
     assert decode(samples["gray16.png"]["jpg"])[15, 20].min() > 240  # 16-bit full scale -> 255
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["skipped"] == summary["skipped"] and manifest["num_samples"] == 5
+
+
+def test_parallel_prep_finishes_when_the_parent_swallows_sigterm(tmp_path):
+    """A parent with a Python SIGTERM handler (a training run's preemption handler, say): the forked
+    workers must not inherit it, or the pool's terminate() can wait on one forever (it happened)."""
+    import signal
+
+    for i in range(4):
+        save(tmp_path / "src" / f"{i}.jpg", picture(i))
+        (tmp_path / "src" / f"{i}.txt").write_text("ok")
+
+    def timeout(signum, frame):
+        raise TimeoutError("prep's worker pool did not shut down")
+
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGALRM)}
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    signal.signal(signal.SIGALRM, timeout)
+    signal.alarm(120)
+    try:
+        cfg = prep_cfg(f"source.root={tmp_path / 'src'}", f"out_dir={tmp_path / 'out'}", "shard_size=1",
+                       "workers=2", "hint._target_=tests.test_prep.SignalProbe")  # fmt: skip
+        summary = run_prep(cfg)
+    finally:
+        signal.alarm(0)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    assert summary["written"] == 4 and summary["complete"] and not summary["skipped"]  # each worker: SIG_DFL
 
 
 def test_killed_prep_resumes_without_partial_shards(tmp_path):

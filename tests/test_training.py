@@ -521,9 +521,12 @@ def test_preemption_signal_checkpoints_stops_and_the_rerun_continues(train_cfg):
     steps = [s for s, _ in list_checkpoints(run / "checkpoints")]
     assert len(steps) == 1 and steps[0] > 0  # every_n_steps=0: only the preemption wrote one
     assert not (run / "controlnet").exists()  # no final export from a preempted run
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     trainer, _ = train(train_cfg("checkpoint.every_n_steps=0", "validation.num_samples=0",
                                  f"trainer.max_steps={steps[0] + 2}"))  # fmt: skip
     assert trainer.global_step == steps[0] + 2
+    # The run's handlers are gone with it: a later SIGTERM (or a forked worker's) is not swallowed.
+    assert {s: signal.getsignal(s) for s in handlers} == handlers
 
 
 def test_base_training_is_a_config_and_a_controlnet_trains_over_its_export(train_cfg, tmp_path):

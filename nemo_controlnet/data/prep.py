@@ -151,11 +151,21 @@ def write_unit(index: int, unit, source, processor: SampleProcessor, out_dir: Pa
     return stats
 
 
+def _default_signals() -> None:
+    """A forked worker dies on SIGTERM (the pool's terminate) whatever Python handlers the parent had
+    installed (a training run's preemption handler, for one): not the parent's, the default."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+
+
 # Worker processes get the source and processor once, at start, not with every unit.
 _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(source, processor, out_dir, prefix) -> None:
+    _default_signals()
     _WORKER.update(source=source, processor=processor, out_dir=out_dir, prefix=prefix)
 
 
@@ -317,7 +327,7 @@ def precompute(cfg: DictConfig) -> dict:
     log.info("precompute: %d images, %d hints present, %d to compute", present + len(jobs), present, len(jobs))
     start, written, skipped = time.time(), 0, Counter()
     if cfg.workers > 1:
-        pool = multiprocessing.get_context("fork").Pool(cfg.workers)
+        pool = multiprocessing.get_context("fork").Pool(cfg.workers, initializer=_default_signals)
         results = pool.imap_unordered(_precompute_one, jobs, chunksize=16)
     else:
         pool, results = None, map(_precompute_one, jobs)

@@ -283,6 +283,7 @@ class Preemption(_StepBoundary):
         self.check_every = check_every
         self.requested: int | None = None
         self.stopped = False
+        self._previous: dict = {}
 
     def setup(self, trainer, pl_module, stage):
         import signal
@@ -290,7 +291,16 @@ class Preemption(_StepBoundary):
 
         if threading.current_thread() is threading.main_thread():
             for name in self.SIGNALS:
-                signal.signal(getattr(signal, name), self._handle)
+                self._previous[name] = signal.signal(getattr(signal, name), self._handle)
+
+    def teardown(self, trainer, pl_module, stage):
+        # Put the process's handlers back: left in place, a SIGTERM would be swallowed after the run,
+        # also in every process forked later (a worker pool's terminate() would then wait forever).
+        import signal
+
+        for name, handler in self._previous.items():
+            signal.signal(getattr(signal, name), handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
 
     def _handle(self, signum, frame):
         self.requested = signum
