@@ -149,25 +149,37 @@ def test_lora_and_lokr_train_only_the_adapter_and_start_as_the_base(parts):
                 assert torch.equal(v, base[key]), k
 
 
-def test_lora_saved_in_diffusers_format_reloads_through_load_lora_weights(parts, tmp_path):
+@pytest.mark.parametrize("kind", ["lora", "lokr"])
+def test_saved_adapter_reloads_into_a_fresh_pipeline(parts, tmp_path, kind):
+    """A LoRA in diffusers' format reloads through ``pipe.load_lora_weights`` itself; a LoKr (peft's
+    format) through load_adapter, which controlnet-generate lora= uses for both."""
     from nemo_controlnet.inference.pipeline import controlnet_pipeline
+    from nemo_controlnet.models.adapters import load_adapter
 
     module, inputs = parts
     unet = copy.deepcopy(module.unet).requires_grad_(False)
-    add_adapter(unet, make_adapter_config("lora", 4, 8, TARGETS))
+    add_adapter(unet, make_adapter_config(kind, 4, 8, TARGETS))
     for p in unet.parameters():
         if p.requires_grad:
             p.data.normal_(0, 0.05)  # as if trained
-    save_lora(unet, tmp_path / "lora", {"controlnet": "frozen"})
-    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
-    fresh = copy.deepcopy(module.unet)
-    pipe = controlnet_pipeline(fresh, None, module.vae, module.text_encoder, module.tokenizer,
-                               module.noise_scheduler.config)  # fmt: skip
-    pipe.load_lora_weights(tmp_path / "lora")
+    save_lora(unet, tmp_path / "adapter", {"controlnet": "frozen"})
+
+    def fresh_pipe():
+        return controlnet_pipeline(copy.deepcopy(module.unet), None, module.vae, module.text_encoder,
+                                   module.tokenizer, module.noise_scheduler.config)  # fmt: skip
+
+    pipe = fresh_pipe()
+    if kind == "lora":
+        assert (tmp_path / "adapter" / "pytorch_lora_weights.safetensors").is_file()
+        pipe.load_lora_weights(tmp_path / "adapter")
+    else:
+        assert load_adapter(pipe, tmp_path / "adapter") == "lokr"
     args = (inputs["noisy_latents"], inputs["timesteps"], inputs["encoder_hidden_states"])
     with torch.no_grad():
         torch.testing.assert_close(pipe.unet(*args).sample, unet(*args).sample)
         assert not torch.allclose(module.unet(*args).sample, unet(*args).sample)
+    with pytest.raises(FileNotFoundError, match="lora=.*no pytorch_lora_weights.safetensors"):
+        load_adapter(fresh_pipe(), tmp_path)
 
 
 def test_impossible_combinations_are_refused_naming_the_key():

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from nemo_controlnet.data.transforms import ResizeCrop, hint_to_tensor, prepare_hint
 from nemo_controlnet.inference.pipeline import controlnet_pipeline, grid, hint_to_uint8, sample
 from nemo_controlnet.io import atomic_path
+from nemo_controlnet.models.adapters import load_adapter
 from nemo_controlnet.models.controlnet import check_compatible, set_only_mid_control
 from nemo_controlnet.models.formats import read_metadata
 from nemo_controlnet.models.stack import build_stack, fingerprint, freeze
@@ -118,8 +119,8 @@ def load_sampler(cfg: DictConfig) -> Sampler:
         cfg.sampler, stack.text_encoder_2, stack.tokenizer_2,
     )  # fmt: skip
     if cfg.get("lora"):  # an adapter trained under this ControlNet (adapter mode: run_dir/lora)
-        pipe.load_lora_weights(str(cfg.lora))
-        log.info("LoRA loaded from %s", cfg.lora)
+        kind = load_adapter(pipe, cfg.lora)
+        log.info("%s adapter loaded from %s", kind, cfg.lora)
     resolution = int(cfg.get("resolution") or meta.get("resolution") or 512)
     return Sampler(pipe, meta, hint_channels, resolution, device, dtype)
 

@@ -190,3 +190,28 @@ def save_lora(unet: torch.nn.Module, out_dir, metadata: dict | None = None) -> N
                       tmp / "adapter_model.safetensors")  # fmt: skip
         if metadata is not None:
             (tmp / "nemo_controlnet.json").write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str))
+
+
+def load_adapter(pipe, path) -> str:
+    """An adapter saved by ``save_lora`` into a pipeline's UNet: a LoRA through diffusers'
+    ``load_lora_weights``; a LoKr (peft's format, which diffusers' loader does not read) through peft.
+    Returns the adapter's type."""
+    from pathlib import Path
+
+    path = Path(path)
+    if (path / "pytorch_lora_weights.safetensors").is_file():
+        pipe.load_lora_weights(str(path))
+        return "lora"
+    if (path / "adapter_config.json").is_file() and (path / "adapter_model.safetensors").is_file():
+        from peft import PeftConfig, set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        config = PeftConfig.from_pretrained(str(path))
+        pipe.unet.add_adapter(config)
+        result = set_peft_model_state_dict(pipe.unet, load_file(path / "adapter_model.safetensors"))
+        if result.unexpected_keys:
+            raise ValueError(f"lora={path}: {len(result.unexpected_keys)} adapter weights match no layer of this "
+                             f"UNet (first: {result.unexpected_keys[0]}); was it trained on another base?")  # fmt: skip
+        return str(config.peft_type).split(".")[-1].lower()
+    raise FileNotFoundError(f"lora={path}: no pytorch_lora_weights.safetensors (LoRA) or adapter_config.json + "
+                            "adapter_model.safetensors (LoKr) there; adapter-mode runs write run_dir/lora")  # fmt: skip
