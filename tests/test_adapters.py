@@ -97,7 +97,7 @@ def test_swap_correctness_test(parts, offload, storage):
 def _swap_spy(residuals):
     """Per ControlNet call: whether its first conv ran on a swapped-in copy (not the host weights)."""
     conv = residuals.controlnet.conv_in
-    host = residuals._host[(conv, "weight")]
+    host = residuals._host[(conv, "_parameters", "weight")]
     seen = []
     conv.register_forward_pre_hook(lambda m, a: seen.append(m.weight.data_ptr() != host.data_ptr()))
     return conv, host, seen

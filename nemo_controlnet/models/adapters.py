@@ -90,7 +90,7 @@ class ControlResiduals:
     def __init__(self, controlnet: torch.nn.Module, offload: str = "none", storage: str = "gpu"):
         self.controlnet, self.offload, self.storage = controlnet, offload, storage
         self.device: torch.device | None = None
-        self._host: dict[tuple[torch.nn.Module, str], torch.Tensor] = {}
+        self._host: dict[tuple[torch.nn.Module, str, str], torch.Tensor] = {}  # (module, kind, name)
         self._hooks: list = []
 
     def place(self, device: torch.device) -> None:
@@ -106,21 +106,18 @@ class ControlResiduals:
         else:
             self.controlnet.to(self.device)
 
-    def _tensors(self):
-        for module in self.controlnet.modules():
-            for kind in ("_parameters", "_buffers"):
-                for name, t in getattr(module, kind).items():
-                    if t is not None:
-                        yield module, kind, name, t
-
     def _install_swap(self) -> None:
+        """The host copy of every weight (pinned for a GPU), once; the hooks swap it in and out."""
         for handle in self._hooks:
             handle.remove()
         pin = self.device.type == "cuda"
         self._host = {}
-        for module, _kind, name, t in self._tensors():
-            host = t.detach().to("cpu")
-            self._host[(module, name)] = host.pin_memory() if pin else host
+        for module in self.controlnet.modules():
+            for kind in ("_parameters", "_buffers"):
+                for name, t in getattr(module, kind).items():
+                    if t is not None:
+                        host = t.detach().to("cpu")
+                        self._host[(module, kind, name)] = host.pin_memory() if pin else host
         self._swap(to_device=False)
         self._hooks = [
             self.controlnet.register_forward_pre_hook(lambda *_: self._swap(to_device=True)),
@@ -128,12 +125,11 @@ class ControlResiduals:
         ]
 
     def _swap(self, to_device: bool) -> None:
-        for module, kind, name, t in self._tensors():
-            host = self._host[(module, name)]
+        for (module, kind, name), host in self._host.items():
             # copy=True: a fresh device copy even when the "device" is the CPU (dev mode tests the path)
             data = host.to(self.device, non_blocking=True, copy=True) if to_device else host
             if kind == "_parameters":
-                t.data = data
+                module._parameters[name].data = data
             else:
                 module._buffers[name] = data
 
