@@ -3,6 +3,7 @@ folder datasets, weighted mixing, resampled epochs, corrupt data counted and sur
 
 import io
 import random
+import tarfile
 from pathlib import Path
 
 import cv2
@@ -170,6 +171,14 @@ def test_resampled_stream_resumes_exactly(tmp_path):
     assert keys(EpochStream(make, start=(0, 6)), 7) == full[7:14]
 
 
+def cut_in_member(shard: str, index: int) -> str:
+    """Truncate ``shard`` halfway through the data of its ``index``-th member; that member's name."""
+    with tarfile.open(shard) as tar:
+        member = tar.getmembers()[index]
+    Path(shard).write_bytes(Path(shard).read_bytes()[: member.offset_data + member.size // 2])
+    return member.name
+
+
 def test_corrupt_shards_are_survived_and_counted(tmp_path):
     good = _shards(tmp_path, "g", 2, per_shard=6)
     bad = str(tmp_path / "bad.tar")
@@ -180,7 +189,7 @@ def test_corrupt_shards_are_survived_and_counted(tmp_path):
         small_hint = png(np.zeros((8, 8, 3), np.uint8))
         sink.write({"__key__": "mismatch", "jpg": png(rectangle_image(32, 32)), "png": small_hint})
     truncated = _shards(tmp_path, "t", 1, per_shard=6)[0]
-    Path(truncated).write_bytes(Path(truncated).read_bytes()[:5000])  # cut in the middle of a member
+    cut_in_member(truncated, 4)
     cfg = OmegaConf.create(
         {"shards": [*good, bad, truncated], "num_workers": 2, "resolution": 32, "batch_size": 2,
          "shuffle_buffer": 0, "image_key": "jpg", "hint_key": "png", "caption_key": "txt"}
@@ -195,9 +204,62 @@ def test_corrupt_shards_are_survived_and_counted(tmp_path):
         keys += batch["key"]
     assert "ok" in keys and not {"nohint", "badjpg", "mismatch"} & set(keys)
     counts = dict(stream.skipped)  # epoch 0's, gathered from both workers
-    assert counts["missing_hint"] == 1 and counts["corrupt_image"] == 1 and counts["size_mismatch"] == 1
-    assert any(k.startswith("bad_shard") for k in counts), counts  # the truncated tar
+    # One read error for the truncated tar, under its own name: not a sample count, not counted twice.
+    assert counts == {"missing_hint": 1, "corrupt_image": 1, "size_mismatch": 1, "truncated_shard": 1}, counts
     assert len(set(keys)) == len(keys)
+
+
+def test_a_truncated_shard_is_one_error_naming_shard_and_member(tmp_path, caplog):
+    shard = _shards(tmp_path, "t", 1, per_shard=6)[0]
+    cut = cut_in_member(shard, 5)
+    decoder = SampleDecoder(32)
+    stream = EpochStream(lambda epoch: SampleStream([(ShardSource([shard]), 1.0)], decoder, 1, epoch, shuffle_buffer=0))
+    with caplog.at_level("INFO"):
+        good = []
+        for batch in stream:
+            if batch["data_position"][0] == 1:
+                break
+            good += batch["key"]
+    assert stream.skipped == {"truncated_shard": 1}
+    warnings = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipping bad data")]
+    assert len(warnings) == 1  # once (webdataset's reader reported it twice)
+    assert shard in warnings[0] and f"in member {cut}" in warnings[0], warnings[0]
+    assert len(good) == len(set(good)) and good, "the samples before the damage are used"
+    assert cut.split(".")[0] not in good, "the sample the cut falls in is dropped with the error"
+    epoch_line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("data epoch 0 done"))
+    assert "0 bad samples skipped {}, 1 shard(s) not read to the end {'truncated_shard': 1}" in epoch_line
+
+
+@pytest.mark.parametrize("mode", ["empty", "skip"])
+def test_samples_without_a_caption_are_counted_and_follow_data_missing_caption(tmp_path, mode, caplog):
+    shard = str(tmp_path / "c.tar")
+    with wds.TarWriter(shard) as sink:
+        for i in range(4):
+            sample = {"__key__": f"s{i}", "jpg": png(rectangle_image(32, 32)), "png": png(np.zeros((32, 32), np.uint8))}
+            if i % 2:
+                sample["txt"] = f"caption {i}"
+            sink.write(sample)
+    cfg = OmegaConf.create({"shards": shard, "num_workers": 0, "resolution": 32, "batch_size": 1, "shuffle_buffer": 0,
+                            "image_key": "jpg", "hint_key": "png", "caption_key": "txt", "missing_caption": mode})
+    dm = ShardDataModule(cfg, hint_channels=3, seed=0)
+    dm.setup("fit")
+    stream = dm.train_dataloader()
+    captions = {}
+    with caplog.at_level("INFO"):
+        for batch in stream:
+            if batch["data_position"][0] == 1:
+                break
+            captions[batch["key"][0]] = batch["caption"][0]
+    epoch_line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("data epoch 0 done"))
+    if mode == "empty":  # trained as unconditional samples, and said so
+        assert captions == {"s0": "", "s1": "caption 1", "s2": "", "s3": "caption 3"}
+        assert stream.notes == {"missing_caption": 2} and not stream.skipped
+        assert "2 sample(s) without a caption trained with the empty prompt" in epoch_line
+        assert any("c.tar:s0: no 'txt' member" in r.getMessage() for r in caplog.records)
+    else:
+        assert captions == {"s1": "caption 1", "s3": "caption 3"}
+        assert stream.skipped == {"missing_caption": 2} and not stream.notes
+        assert "2 bad samples skipped {'missing_caption': 2}" in epoch_line
 
 
 def test_make_sources_picks_folder_datasets_or_shards(tmp_path):

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import logging
 from itertools import islice
-from pathlib import Path
 
 import lightning as L
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
 from torch.utils.data import DataLoader
 
+from nemo_controlnet.data.decode import read_file
 from nemo_controlnet.data.transforms import normalize_hint, prepare_hint
 from nemo_controlnet.data.webdataset import (
     EpochStream,
@@ -20,6 +19,7 @@ from nemo_controlnet.data.webdataset import (
     SampleStream,
     ShardSource,
     batches,
+    describe_counts,
     expand_shards,
 )
 
@@ -56,6 +56,7 @@ def make_decoder(
         regenerate=on_the_fly and not folder,  # a folder prefers its precomputed hints
         seed=seed,
         cached=cached,
+        missing_caption=data_cfg.get("missing_caption", "empty"),
     )
 
 
@@ -125,8 +126,8 @@ class ShardDataModule(L.LightningDataModule):
         return self.stream
 
     def teardown(self, stage: str) -> None:
-        if self.stream is not None and self.stream.skipped:
-            log.warning("bad samples skipped in finished epochs: %s", dict(self.stream.skipped))
+        if self.stream is not None and (self.stream.skipped or self.stream.notes):
+            log.warning("finished epochs: %s", describe_counts(self.stream.skipped, self.stream.notes))
 
     # Lightning stores this in every checkpoint and hands it back on resume, before train_dataloader().
     def state_dict(self) -> dict:
@@ -178,14 +179,23 @@ def validation_samples(
     if val_cfg.get("samples"):
         prompts, hints = [], []
         for i, item in enumerate(val_cfg.samples):
-            path = Path(item.hint)
-            if not path.is_file():
-                raise FileNotFoundError(f"validation.samples[{i}].hint: no file {path}")
             prompts.append(str(item.prompt))
-            hints.append(prepare_hint(Image.open(path), resolution, hint_channels))
+            hints.append(prepare_hint(read_file(item.hint, f"validation.samples[{i}].hint"), resolution, hint_channels))
         return prompts, torch.stack(hints), [{} for _ in prompts]
     if not val_cfg.get("shards") or (int(val_cfg.num_samples) <= 0 and not val_cfg.get("keys")):
         return [], torch.empty(0), []
-    samples = held_out_samples(val_cfg.shards, data_cfg, hint_channels, int(val_cfg.num_samples), val_cfg.get("keys"))
-    prompts = [s["caption"][0] for s in samples]
-    return prompts, normalize_hint(torch.cat([s["hint"] for s in samples])), [s["meta"][0] for s in samples]
+    prompts, hints, metas, _ = held_out(val_cfg.shards, data_cfg, hint_channels, int(val_cfg.num_samples),
+                                        val_cfg.get("keys"))  # fmt: skip
+    return prompts, hints, metas
+
+
+def held_out(
+    shards, data_cfg: DictConfig, hint_channels: int, num_samples: int, keys=None, resolution: int | None = None
+) -> tuple[list[str], torch.Tensor, list[dict], list[str]]:
+    """(prompts, hints float [0, 1], metadata, keys) of held-out samples (``held_out_samples``), as
+    validation and evaluation use them."""
+    samples = held_out_samples(shards, data_cfg, hint_channels, num_samples, keys, resolution)
+    if not samples:
+        return [], torch.empty(0), [], []
+    hints = normalize_hint(torch.cat([s["hint"] for s in samples]))
+    return [s["caption"][0] for s in samples], hints, [s["meta"][0] for s in samples], [s["key"][0] for s in samples]

@@ -36,11 +36,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from nemo_controlnet import __version__
-from nemo_controlnet.data.decode import BadSample, decode_caption, load_image, open_image
+from nemo_controlnet.data.decode import BadSample, decode_caption, load_hint, load_image, open_image
 from nemo_controlnet.data.prep import encode as encode_image
 from nemo_controlnet.data.prep import resolve_task, task_units
 from nemo_controlnet.data.shards import STATE_DIR, check_params, is_complete, shard_name, stats_path, write_manifest
 from nemo_controlnet.data.shards import write_stats
+from nemo_controlnet.data.tarshards import shard_samples
 from nemo_controlnet.data.transforms import ResizeCrop, normalize_image, to_uint8_chw
 from nemo_controlnet.data.webdataset import SkipCounter, expand_shards
 from nemo_controlnet.io import atomic_path, write_json_atomic
@@ -63,7 +64,7 @@ def crop_sample(sample: dict, cfg: DictConfig, hint_fn) -> dict:
         hint = open_image(stored, "hint")
         if hint.size != (original_size[1], original_size[0]):
             raise BadSample("size_mismatch", f"image {original_size[::-1]} vs hint {hint.size}")
-        hint = geometry.apply(load_image(hint, "hint", gray_ok=True)[0], "hint")
+        hint = geometry.apply(load_hint(hint)[0], "hint")
     else:  # no hint in the input: the prep hint (Canny by default) of the cropped image
         hint = hint_fn(image, None, random.Random(f"{cfg.seed}-{sample['__key__']}"))[0]
     meta = json.loads(sample["json"]) if sample.get("json") else {}
@@ -73,7 +74,9 @@ def crop_sample(sample: dict, cfg: DictConfig, hint_fn) -> dict:
         "key": sample["__key__"],
         "image": image,
         "hint": hint,
-        "caption": decode_caption(sample.get(cfg.caption_key), required=False),
+        # None when missing: the encoded shard then has no caption member either, and training
+        # counts the sample under data.missing_caption as it would the unencoded one.
+        "caption": decode_caption(raw) if (raw := sample.get(cfg.caption_key)) is not None else None,
         "json": meta,
     }
 
@@ -119,20 +122,20 @@ def encode_shard(index: int, url: str, cfg: DictConfig, encoder: Encoder, hint_f
                 nonlocal written
                 if not pending:
                     return
-                arrays = encoder([s["image"] for s in pending], [s["caption"] for s in pending])
+                arrays = encoder([s["image"] for s in pending], [s["caption"] or "" for s in pending])
                 for i, s in enumerate(pending):
                     sink.write({
                         "__key__": s["key"],
                         cfg.image_key: encode_image(s["image"], cfg.image_key, cfg.jpeg_quality),
                         cfg.hint_key: encode_image(s["hint"], cfg.hint_key, cfg.jpeg_quality),
-                        cfg.caption_key: s["caption"],
+                        **({cfg.caption_key: s["caption"]} if s["caption"] is not None else {}),
                         "json": s["json"],
                         **{member: array[i] for member, array in arrays.items()},
                     })  # fmt: skip
                 written += len(pending)
                 pending.clear()
 
-            for sample in wds.tarfile_samples([{"url": url}], handler=counter):
+            for sample in shard_samples([url], counter):
                 try:
                     pending.append(crop_sample(sample, cfg, hint_fn))
                 except Exception as e:  # a bad sample costs one sample, counted by reason

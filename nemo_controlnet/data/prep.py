@@ -22,7 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from nemo_controlnet import __version__
-from nemo_controlnet.data.decode import BadSample, decode_caption, load_image
+from nemo_controlnet.data.decode import BadSample, decode_caption, load_hint, load_image
 from nemo_controlnet.data.hints import MissingConditioning
 from nemo_controlnet.data.shards import (
     STATE_DIR,
@@ -83,7 +83,7 @@ class SampleProcessor:
         conversions = [converted] if converted else []
         conditioning = None
         if raw.conditioning is not None:
-            conditioning, converted = load_image(raw.conditioning, "conditioning")
+            conditioning, converted = load_hint(raw.conditioning, "conditioning")
             conversions += [f"conditioning {converted}"] if converted else []
             if conditioning.size != image.size:
                 raise BadSample("size_mismatch", f"image {image.size} vs conditioning {conditioning.size}")

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-import webdataset as wds
 
 from nemo_controlnet.data.decode import BadSample
+from nemo_controlnet.data.tarshards import ShardReadError, shard_samples
 
 log = logging.getLogger(__name__)
 
@@ -213,13 +213,8 @@ class ExistingShards:
         return list(self.urls)
 
     def read(self, unit: str) -> Iterator[RawSample | BadSample]:
-        errors: list[Exception] = []
-
-        def keep(exn: Exception) -> bool:
-            errors.append(exn)
-            return False  # stop this shard; what was read before the damage is kept
-
-        for raw in wds.tarfile_samples([{"url": unit}], handler=keep):
+        errors: list[ShardReadError] = []  # what was read before the damage is kept
+        for raw in shard_samples([unit], errors.append):
             extra = {}
             if "json" in raw:
                 try:
@@ -234,4 +229,4 @@ class ExistingShards:
                 extra=extra,
             )
         for e in errors:
-            yield _bad("bad_shard", "-", f"{unit}: {type(e).__name__}: {e}")
+            yield _bad(e.reason, e.member or "-", e.detail)

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from nemo_controlnet.data.decode import load_hint, load_image, open_image
+
 
 @dataclass(frozen=True)
 class ResizeCrop:
@@ -110,14 +112,24 @@ def normalize_batch(batch: dict, control_key: str = "hint") -> dict:
 
 
 def hint_to_tensor(img: np.ndarray | Image.Image, channels: int = 3) -> torch.Tensor:
-    """A hint as the model sees it: float [0, 1], RGB (or one channel), CHW."""
-    if isinstance(img, Image.Image) and img.mode not in ("L", "RGB"):
-        img = img.convert("RGB")
+    """A hint as the model sees it: float [0, 1], RGB (or one channel), CHW. A PIL image in any
+    mode goes through the one hint decode first (alpha, palette, 16-bit)."""
+    if isinstance(img, Image.Image):
+        img = load_hint(img)[0]
     return normalize_hint(to_uint8_chw(img, channels))
 
 
-def prepare_hint(hint: Image.Image, size: int, channels: int = 3) -> torch.Tensor:
-    """A hint alone (generation, validation) through the same geometry and range as training."""
-    if hint.mode not in ("L", "RGB"):
-        hint = hint.convert("RGB")
-    return hint_to_tensor(ResizeCrop.center(*hint.size, size).apply(hint, "hint"), channels)
+def prepare_hint(data: bytes | Image.Image, size: int, channels: int = 3) -> torch.Tensor:
+    """A hint alone (generation, validation samples) through the same decode, geometry and range as
+    a training batch's hint."""
+    hint = load_hint(data)[0]
+    return hint_to_tensor(ResizeCrop.center(*hint.size, size).apply(np.asarray(hint), "hint"), channels)
+
+
+def prepare_image(data: bytes | Image.Image, size: int) -> np.ndarray:
+    """An image alone (generation from images) decoded and center-cropped as the training loader
+    does it: the crop from the full size, a large JPEG decoded at a reduced DCT scale."""
+    image = data if isinstance(data, Image.Image) else open_image(data, "image")
+    geometry = ResizeCrop.center(*image.size, size)
+    image, _ = load_image(image, "image", draft_size=geometry.resized)
+    return geometry.apply(np.asarray(image), "image")

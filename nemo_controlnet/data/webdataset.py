@@ -29,16 +29,17 @@ from typing import Callable, Iterable, Iterator
 import braceexpand
 import numpy as np
 import torch
-import webdataset as wds
 from webdataset.filters import _shuffle
 from webdataset.utils import pytorch_worker_info
 
-from nemo_controlnet.data.decode import BadSample, decode_caption, load_image, open_image, read_npy
+from nemo_controlnet.data.decode import BadSample, decode_caption, load_hint, load_image, open_image, read_npy
+from nemo_controlnet.data.tarshards import shard_samples
 from nemo_controlnet.data.transforms import ResizeCrop, to_uint8_chw
 
 log = logging.getLogger(__name__)
 
 STATS = "data_stats"
+MISSING_CAPTION = {"empty": "trained with the empty prompt", "skip": "skipped"}
 
 
 def expand_shards(spec: str | Iterable[str]) -> list[str]:
@@ -74,9 +75,12 @@ class SkipCounter:
         self.counts: Counter = Counter()
 
     def __call__(self, exn: Exception) -> bool:
-        reason = exn.reason if isinstance(exn, BadSample) else f"bad_shard_{type(exn).__name__}"
+        if isinstance(exn, BadSample):
+            reason, detail = exn.reason, exn.detail
+        else:
+            reason, detail = f"error_{type(exn).__name__}", str(exn)
         self.counts[reason] += 1
-        log.warning("skipping bad data (%s): %s", reason, exn)
+        log.warning("skipping bad data (%s): %s", reason, detail)
         return True
 
 
@@ -102,6 +106,7 @@ class SampleDecoder:
         seed: int = 0,
         cached: bool = False,
         keep_meta: bool = False,
+        missing_caption: str = "empty",
     ):
         self.resolution = resolution
         self.image_key, self.hint_key, self.caption_key = image_key, hint_key, caption_key
@@ -116,10 +121,28 @@ class SampleDecoder:
         self.epoch = 0
         self.cached = cached  # shards of controlnet-prep mode=encode: latents and text embeddings, no image
         self.keep_meta = keep_meta  # emit the sample's json (evaluation: the shapes' ground truth)
+        if missing_caption not in MISSING_CAPTION:
+            raise ValueError(f"data.missing_caption={missing_caption!r}: use one of {list(MISSING_CAPTION)}")
+        self.missing_caption = missing_caption
+        self.notes: Counter = Counter()  # samples used with a substitute (a missing caption), by reason
+
+    def caption(self, sample: dict, where: str) -> str:
+        """The sample's caption; a missing one is skipped or trained as the empty prompt (an
+        unconditional sample), by ``missing_caption``, and counted either way."""
+        data = sample.get(self.caption_key)
+        if data is not None:
+            return decode_caption(data)
+        if self.missing_caption == "skip":
+            raise BadSample("missing_caption", f"no '{self.caption_key}' member")
+        self.notes["missing_caption"] += 1
+        if self.notes["missing_caption"] <= 3:  # then only the epoch's count: a caption-less set is one line
+            log.warning("%s: no '%s' member: trained with the empty prompt (data.missing_caption=empty)",
+                        where, self.caption_key)  # fmt: skip
+        return ""
 
     def cached_sample(self, sample: dict, key: str) -> dict:
         """Cached posterior and text embeddings, the hint as stored (already cropped with the latent)."""
-        hint = load_image(open_image(sample.get(self.hint_key), "hint"), "hint", gray_ok=True)[0]
+        hint = load_hint(sample.get(self.hint_key))[0]
         if hint.size != (self.resolution, self.resolution):
             raise BadSample("size_mismatch", f"hint {hint.size} is not {self.resolution}px square")
         meta = json.loads(sample["json"]) if sample.get("json") else {}
@@ -128,7 +151,7 @@ class SampleDecoder:
             "latent_dist": torch.from_numpy(read_npy(sample.get("latent.npy"), "latent")),
             "text_embeds": torch.from_numpy(read_npy(sample.get("text.npy"), "text_embeds")),
             self.control_key: to_uint8_chw(hint, self.hint_channels),
-            "caption": decode_caption(sample.get(self.caption_key), required=False),
+            "caption": self.caption(sample, f"{sample.get('__url__', '?')}:{key}"),
             "key": key,
             "original_size": torch.tensor(sdxl.get("original_size", (self.resolution, self.resolution))),
             "crop_top_left": torch.tensor(sdxl.get("crop_top_left", (0, 0))),
@@ -155,10 +178,10 @@ class SampleDecoder:
             original_size = (image.height, image.width)
             geometry = ResizeCrop.draw(*image.size, self.resolution, self.crop, self.hflip, rng)
             image, _ = load_image(image, "image", draft_size=geometry.resized)
-            hint = load_image(hint, "hint", gray_ok=True)[0] if hint is not None else None
-            caption = decode_caption(sample.get(self.caption_key), required=False)
+            hint = load_hint(hint)[0] if hint is not None else None
+            caption = self.caption(sample, where)
         except BadSample as e:
-            raise BadSample(e.reason, f"{where}: {e}") from e
+            raise BadSample(e.reason, f"{where}: {e.detail}" if e.detail else where) from e
         image = geometry.apply(np.asarray(image), "image")
         hint = geometry.apply(np.asarray(hint), "hint") if hint is not None else self.detector(image, None, rng)[0]
         out = {
@@ -210,8 +233,7 @@ class ShardSource:
         self.urls = list(urls)
 
     def samples(self, rng_seed: str, epoch_seed: str, resampled: bool, handler) -> Iterator[dict]:
-        shards = ({"url": u} for u in assigned(self.urls, rng_seed, epoch_seed, resampled))
-        return wds.tarfile_samples(shards, handler=handler)
+        return shard_samples(assigned(self.urls, rng_seed, epoch_seed, resampled), handler)
 
 
 def _mix(streams: list[Iterator[dict]], weights: list[float], rng: random.Random) -> Iterator[dict]:
@@ -252,6 +274,7 @@ class SampleStream(torch.utils.data.IterableDataset):
         tag = f"{self.seed}-{self.epoch}-{rank}-{worker}"
         counter = SkipCounter()
         self.decoder.epoch = self.epoch
+        self.decoder.notes = Counter()
         streams = [
             iter(src.samples(f"{tag}-{i}", f"{self.seed}-{self.epoch}-{i}", self.resampled, counter))
             for i, (src, _) in enumerate(self.sources)
@@ -262,8 +285,9 @@ class SampleStream(torch.utils.data.IterableDataset):
         if self.shuffle_buffer > 0:
             samples = _shuffle(samples, self.shuffle_buffer, min(self.shuffle_buffer, 100), random.Random(tag))
 
-        def stats() -> dict:  # this worker's running count of bad samples, for the main process
-            return {STATS: {"worker": (rank, worker), "skipped": dict(counter.counts)}}
+        def stats() -> dict:  # this worker's running counts of bad and substituted samples, for the main process
+            notes = dict(self.decoder.notes)
+            return {STATS: {"worker": (rank, worker), "skipped": dict(counter.counts), "notes": notes}}
 
         batch: list[dict] = []
         for raw in samples:
@@ -278,6 +302,18 @@ class SampleStream(torch.utils.data.IterableDataset):
         if batch and not self.drop_last:
             yield {**collate(batch), **stats()}
         yield stats()  # the final count, after the last (possibly dropped) batch
+
+
+def describe_counts(skipped: Counter, notes: Counter) -> str:
+    """``2 bad samples skipped {...}``, then shard read errors and samples without a caption when any."""
+    shards = {k: v for k, v in skipped.items() if k.endswith("_shard")}
+    samples = {k: v for k, v in skipped.items() if k not in shards}
+    text = f"{sum(samples.values())} bad samples skipped {samples}"
+    if shards:
+        text += f", {sum(shards.values())} shard(s) not read to the end {shards}"
+    if notes.get("missing_caption"):
+        text += f", {notes['missing_caption']} sample(s) without a caption trained with the empty prompt"
+    return text
 
 
 def epoch_pipeline(
@@ -311,6 +347,7 @@ class EpochStream:
         self.make_epoch = make_epoch
         self.start = start
         self.skipped: Counter = Counter()
+        self.notes: Counter = Counter()  # samples used with a substitute (missing caption), finished epochs
 
     def __iter__(self) -> Iterator[dict]:
         epoch, last = self.start
@@ -321,7 +358,7 @@ class EpochStream:
             for batch in self.make_epoch(epoch):
                 stats = batch.pop(STATS, None)
                 if stats is not None:
-                    per_worker[tuple(stats["worker"])] = stats["skipped"]
+                    per_worker[tuple(stats["worker"])] = stats
                 if not batch:
                     continue
                 index += 1
@@ -329,13 +366,14 @@ class EpochStream:
                     continue
                 batch["data_position"] = (epoch, index - 1)
                 yield batch
-            skipped = sum((Counter(c) for c in per_worker.values()), Counter())
+            skipped = sum((Counter(w["skipped"]) for w in per_worker.values()), Counter())
+            notes = sum((Counter(w.get("notes", {})) for w in per_worker.values()), Counter())
             self.skipped.update(skipped)
+            self.notes.update(notes)
             if index == 0:
                 raise RuntimeError(
                     f"epoch {epoch} produced no batch: too few samples for the batch size, or every sample "
                     f"was bad (skipped: {dict(skipped)})"
                 )
-            log.info("data epoch %d done: %d batches, %d bad samples skipped %s", epoch, index,
-                     sum(skipped.values()), dict(skipped))  # fmt: skip
+            log.info("data epoch %d done: %d batches, %s", epoch, index, describe_counts(skipped, notes))
             epoch, last = epoch + 1, -1

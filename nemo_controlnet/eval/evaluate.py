@@ -13,13 +13,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
-from nemo_controlnet.data.datamodule import held_out_samples
-from nemo_controlnet.data.transforms import normalize_hint
+from nemo_controlnet.data.datamodule import held_out
 from nemo_controlnet.eval.metrics import mean_metrics, sample_metrics
 from nemo_controlnet.inference.generate import load_sampler, resolve_controlnet
 from nemo_controlnet.inference.pipeline import grid, hint_to_uint8, sample
@@ -54,23 +52,19 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ValueError("control_scales: give at least one (e.g. [1.0, 0.0]: with control, and the baseline)")
     loaded = load_sampler(cfg)
     data_cfg = OmegaConf.create(OmegaConf.to_container(cfg.data, resolve=True))
-    samples = held_out_samples(cfg.shards, data_cfg, loaded.hint_channels, int(cfg.num_samples),
-                               cfg.get("keys"), resolution=loaded.resolution)  # fmt: skip
-    if not samples:
+    prompts, hints, metas, keys = held_out(cfg.shards, data_cfg, loaded.hint_channels, int(cfg.num_samples),
+                                           cfg.get("keys"), resolution=loaded.resolution)  # fmt: skip
+    if not prompts:
         raise ValueError(f"shards={cfg.shards}: no usable samples")
-    prompts = [s["caption"][0] for s in samples]
-    hints = normalize_hint(torch.cat([s["hint"] for s in samples]))
-    metas = [s["meta"][0] for s in samples]
-    keys = [s["key"][0] for s in samples]
-    log.info("evaluating on %d samples of %s at %d px, control scales %s", len(samples), cfg.shards,
+    log.info("evaluating on %d samples of %s at %d px, control scales %s", len(keys), cfg.shards,
              loaded.resolution, scales)  # fmt: skip
 
     start, bs = time.time(), int(cfg.batch_size)
     images: dict[str, list[np.ndarray]] = {}
     for scale in scales:
         out = []
-        for first in tqdm(range(0, len(samples), bs), desc=f"eval {label(scale)}", unit="batch"):
-            idx = list(range(first, min(first + bs, len(samples))))
+        for first in tqdm(range(0, len(keys), bs), desc=f"eval {label(scale)}", unit="batch"):
+            idx = list(range(first, min(first + bs, len(keys))))
             out += list(sample(
                 loaded.pipe, [prompts[i] for i in idx], hints[idx], num_inference_steps=cfg.num_inference_steps,
                 guidance_scale=cfg.guidance_scale, control_scale=scale, seed=[int(cfg.seed) + i for i in idx],
@@ -90,7 +84,7 @@ def evaluate(cfg: DictConfig) -> dict:
     report = {
         "controlnet": str(controlnet_dir),
         "shards": str(cfg.shards),
-        "num_samples": len(samples),
+        "num_samples": len(keys),
         "resolution": loaded.resolution,
         "settings": {k: OmegaConf.to_container(cfg, resolve=True)[k] for k in SETTINGS},
         "results": results,
@@ -101,7 +95,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "seconds": round(time.time() - start, 1),
     }
     write_json_atomic(out_dir / "metrics.json", report)
-    rows = [[hint_images[i], *(images[n][i] for n in images)] for i in range(min(len(samples), int(cfg.grid_rows)))]
+    rows = [[hint_images[i], *(images[n][i] for n in images)] for i in range(min(len(keys), int(cfg.grid_rows)))]
     with atomic_path(out_dir / "grid.png") as tmp:
         Image.fromarray(grid(rows)).save(tmp, format="PNG")
     print(table(results))

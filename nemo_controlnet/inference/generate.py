@@ -13,7 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 from tqdm import tqdm
 
-from nemo_controlnet.data.transforms import ResizeCrop, hint_to_tensor, prepare_hint
+from nemo_controlnet.data.decode import read_file
+from nemo_controlnet.data.transforms import hint_to_tensor, prepare_hint, prepare_image
 from nemo_controlnet.inference.pipeline import controlnet_pipeline, grid, hint_to_uint8, sample
 from nemo_controlnet.io import atomic_path
 from nemo_controlnet.models.adapters import load_adapter
@@ -39,27 +40,18 @@ def resolve_controlnet(path: str | Path) -> tuple[Path, Path | None]:
 
 
 def load_hints(cfg: DictConfig, resolution: int, channels: int) -> torch.Tensor:
+    """The hints to generate for: ``hints`` decoded and center-cropped as training's are, or the
+    ``hint`` detector run on ``images`` after the same crop (as on-the-fly hints are in training)."""
     if cfg.hints and cfg.images:
         raise ValueError("give either hints=[...] or images=[...] with hint=<detector>, not both")
     if cfg.hints:
-        paths = [Path(p) for p in cfg.hints]
-        for p in paths:
-            if not p.is_file():
-                raise FileNotFoundError(f"hints: no file {p}")
-        return torch.stack([prepare_hint(Image.open(p), resolution, channels) for p in paths])
+        return torch.stack([prepare_hint(read_file(p, "hints"), resolution, channels) for p in cfg.hints])
     if cfg.images:
         if not cfg.get("hint"):
             raise ValueError("images=[...] needs hint=<detector> (e.g. hint=canny) to compute the hints")
         detector = instantiate(cfg.hint)
-        hints = []
-        for p in map(Path, cfg.images):
-            if not p.is_file():
-                raise FileNotFoundError(f"images: no file {p}")
-            image = Image.open(p).convert("RGB")
-            # The hint is computed after the geometric transform, as in training.
-            image = ResizeCrop.center(*image.size, resolution).apply(image, "image")
-            hints.append(hint_to_tensor(detector(image)[0], channels))
-        return torch.stack(hints)
+        images = [prepare_image(read_file(p, "images"), resolution) for p in cfg.images]
+        return torch.stack([hint_to_tensor(detector(image)[0], channels) for image in images])
     raise ValueError("nothing to generate: give hints=[...] or images=[...] with hint=canny")
 
 
