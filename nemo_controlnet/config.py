@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import os
 from pathlib import Path
 from typing import Any, Callable
 
@@ -9,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 PRECISIONS = {"32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64", "64-true"}
 PREDICTION_TYPES = {"epsilon", "v_prediction"}
+PREP_MODES = ("shards", "precompute", "merge", "encode")
 LR_SCHEDULERS = {"constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"}
 MODEL_NODES = (
     "unet_config",
@@ -43,6 +47,8 @@ class _Checker:
             self.errors.append(f"{key}={value!r}: expected {expected}")
 
     def raise_if_any(self, what: str) -> None:
+        if len(self.errors) == 1:
+            raise ConfigError(f"invalid {what} config: {self.errors[0]}")
         if self.errors:
             raise ConfigError(f"invalid {what} config:\n  " + "\n  ".join(self.errors))
 
@@ -61,6 +67,77 @@ def _nonneg_int(v) -> bool:
 
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def output_dir_problem(path: str | Path) -> str | None:
+    """Why a directory cannot be created (or written) at ``path``; None when it can. Checked before any
+    work starts, without creating anything: the nearest existing ancestor must be a writable directory."""
+    path = Path(path)
+    existing = path
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.is_file():
+        return f"{existing} is a file"
+    if not existing.is_dir():
+        return f"{existing} is not a directory"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"permission denied: {existing} is not writable"
+    return None
+
+
+def check_output_dir(c: _Checker, key: str) -> None:
+    """``key`` names a directory this job writes: it must be creatable and writable."""
+    value = OmegaConf.select(c.cfg, key, throw_on_missing=False, default=None)
+    if isinstance(value, str) and value.strip():
+        problem = output_dir_problem(value)
+        if problem:
+            c.errors.append(f"{key}={value!r}: cannot create or write the directory ({problem})")
+
+
+def _suggest(prefix: str, key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {prefix}.{close[0]}?)" if close else ""
+
+
+def check_keyword_arguments(c: _Checker, prefix: str, function, what: str) -> None:
+    """Every key of the block at ``prefix`` must be a parameter of ``function``, which receives the
+    block as keyword arguments: a misspelled key fails here, not after the data and models are built."""
+    block = OmegaConf.select(c.cfg, prefix, throw_on_missing=False, default=None)
+    if not isinstance(block, DictConfig):
+        return
+    params = inspect.signature(function).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return  # takes anything
+    known = [name for name, p in params.items() if name != "self" and p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    for key in block.keys():
+        if isinstance(key, str) and not key.startswith("_") and key not in known:  # _target_, _convert_, ...
+            c.errors.append(f"{prefix}.{key}: not an argument of {what}{_suggest(prefix, key, known)}")
+
+
+def check_target_arguments(c: _Checker, prefix: str) -> None:
+    """A ``_target_`` node that Hydra instantiates: its keys must be arguments of the target."""
+    target = OmegaConf.select(c.cfg, f"{prefix}._target_", throw_on_missing=False, default=None)
+    if not isinstance(target, str):
+        return
+    from hydra.utils import get_object
+
+    try:
+        function = get_object(target)
+    except Exception as e:  # what instantiate would fail on later
+        c.errors.append(f"{prefix}._target_={target!r}: cannot be imported ({e})")
+        return
+    try:
+        inspect.signature(function)
+    except (TypeError, ValueError):  # a builtin without a signature: nothing to check against
+        return
+    check_keyword_arguments(c, prefix, function, target)
+
+
+def check_trainer(c: _Checker, prefix: str = "trainer") -> None:
+    """The trainer block goes to ``lightning.Trainer`` as keyword arguments (training/run.py)."""
+    import lightning
+
+    check_keyword_arguments(c, prefix, lightning.Trainer.__init__, "lightning.Trainer")
 
 
 def check_model(c: _Checker, prefix: str = "model") -> None:
@@ -114,6 +191,7 @@ def validate_model_config(cfg: DictConfig, prefix: str = "model") -> None:
 def validate_train_config(cfg: DictConfig) -> None:
     c = _Checker(cfg)
     c.check("run_dir", lambda v: isinstance(v, str) and v.strip(), "a directory path")
+    check_output_dir(c, "run_dir")
     c.check("resume", lambda v: isinstance(v, bool), "true or false")
     c.check("seed", _is_int, "an integer")
     check_model(c)
@@ -128,8 +206,12 @@ def validate_train_config(cfg: DictConfig) -> None:
     c.check("data.batch_size", _pos_int, "a positive integer")
     c.check("data.num_workers", _nonneg_int, "an integer >= 0")
     c.check("data.shuffle_buffer", _nonneg_int, "an integer >= 0")
+    c.check("data.missing_caption", lambda v: v in ("empty", "skip"), "empty or skip", required=False)
     for key in ("image_key", "hint_key", "caption_key"):
         c.check(f"data.{key}", lambda v: isinstance(v, str) and v, "a tar member extension such as jpg")
+    if OmegaConf.select(cfg, "data.hint.on_the_fly"):  # only then is the detector built (data/datamodule.py)
+        check_target_arguments(c, "data.hint.detector")
+    check_trainer(c)
     c.check("trainer.precision", lambda v: str(v) in PRECISIONS, f"one of {sorted(PRECISIONS)}")
     c.check("trainer.max_steps", _pos_int, "a positive integer")
     c.check("trainer.accumulate_grad_batches", _pos_int, "a positive integer", required=False)
@@ -141,6 +223,8 @@ def validate_train_config(cfg: DictConfig) -> None:
     c.check("optim.betas", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "two numbers in [0, 1)")
     c.check("checkpoint.every_n_steps", _nonneg_int, "an integer >= 0 (0: only at the end)")
     c.check("checkpoint.keep_last", _nonneg_int, "an integer >= 0 (0: keep all)")
+    c.check("checkpoint.skip_unsafe", lambda v: isinstance(v, bool), "true or false", required=False)
+    c.check("perf.cpu_threads", lambda v: v == "auto" or _pos_int(v), "auto or a positive integer", required=False)
     c.check("validation.every_n_steps", _nonneg_int, "an integer >= 0 (0: only at the end)")
     c.check("validation.num_samples", _nonneg_int, "an integer >= 0")
     c.check("logger", lambda v: v in {"tensorboard", "csv", "none"}, "tensorboard, csv or none")
@@ -158,3 +242,22 @@ def validate_train_config(cfg: DictConfig) -> None:
             "single-file format (export.original=true) needs 4 entries; set export.original=false or use 4"
         )
     c.raise_if_any("training")
+
+
+def validate_prep_config(cfg: DictConfig) -> None:
+    """controlnet-prep (data/prep.py): the mode, where the output goes, the pass-through blocks."""
+    c = _Checker(cfg)
+    c.check("mode", lambda v: v in PREP_MODES, f"one of {list(PREP_MODES)}")
+    mode = OmegaConf.select(cfg, "mode", default=None)
+    if mode in ("shards", "merge", "encode"):
+        c.check("out_dir", lambda v: isinstance(v, str) and v.strip(), f"a directory path (required for mode={mode})")
+        check_output_dir(c, "out_dir")
+    elif mode == "precompute":  # hints go to precompute.hints_dir, by default a folder under source.root
+        check_output_dir(c, "precompute.hints_dir" if OmegaConf.select(cfg, "precompute.hints_dir") else "source.root")
+    c.check("shard_size", _pos_int, "a positive integer")
+    c.check("workers", _nonneg_int, "an integer >= 0")
+    if mode == "shards":  # the modes that instantiate these blocks (data/prep.py, data/encode.py)
+        check_target_arguments(c, "source")
+    if mode in ("shards", "precompute", "encode"):
+        check_target_arguments(c, "hint")
+    c.raise_if_any("prep")

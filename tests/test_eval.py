@@ -112,6 +112,7 @@ def test_controlnet_eval_scores_control_against_the_same_base_without_it(train_c
         if "controlnet_down_blocks" in name or "controlnet_mid_block" in name:
             p.data.normal_(0, 0.5)  # zero convs that are no longer zero: strong residuals
     net.save_pretrained(other)
+    (other / "SHA256SUMS").unlink()  # changed on purpose: the export's checksums no longer apply
     from hydra import compose, initialize_config_module
 
     from nemo_controlnet.eval.evaluate import evaluate as evaluate_in_process

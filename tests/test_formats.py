@@ -7,13 +7,17 @@ import torch
 from diffusers import ControlNetModel
 from hydra.utils import instantiate
 from safetensors import safe_open
+from safetensors.torch import save_file
 
+from nemo_controlnet.models.controlnet import build_controlnet
 from nemo_controlnet.models.formats import (
     export_controlnet,
     export_original_controlnet,
     load_original_controlnet,
     load_state_dict_file,
+    original_controlnet_shapes,
 )
+from nemo_controlnet.models.stack import build_stack
 from tests.conftest import compose_train
 
 
@@ -37,8 +41,15 @@ def _outputs(controlnet: ControlNetModel, size: int, seed: int = 0):
     latents = torch.randn(1, c.in_channels, size, size, generator=g)
     ehs = torch.randn(1, 8, c.cross_attention_dim, generator=g)
     hint = torch.rand(1, c.conditioning_channels, size * 8, size * 8, generator=g)
+    added = None
+    if c.addition_embed_type == "text_time":  # SDXL: pooled text, then (original size, crop top-left, target size)
+        pooled = c.projection_class_embeddings_input_dim - 6 * c.addition_time_embed_dim
+        added = {"text_embeds": torch.randn(1, pooled, generator=g),
+                 "time_ids": torch.tensor([[size * 8.0, size * 8.0, 0.0, 0.0, size * 8.0, size * 8.0]])}  # fmt: skip
     with torch.no_grad():
-        down, mid = controlnet(latents, torch.tensor([321]), ehs, controlnet_cond=hint, return_dict=False)
+        down, mid = controlnet(
+            latents, torch.tensor([321]), ehs, controlnet_cond=hint, added_cond_kwargs=added, return_dict=False
+        )
     return [*down, mid]
 
 
@@ -70,6 +81,86 @@ def test_original_format_export_loads_in_diffusers_with_the_same_outputs(model, 
     again = load_original_controlnet(path, dict(controlnet.config))
     for a, b in zip(expected, _outputs(again, size), strict=True):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-4)
+
+
+def test_sdxl_original_format_export_round_trips_through_our_loader(tmp_path):
+    controlnet = _controlnet("tiny_sdxl")
+    assert controlnet.config.addition_embed_type == "text_time"
+    path = export_original_controlnet(controlnet, tmp_path / "control_sdxl.safetensors", dtype="fp32")
+    with safe_open(str(path), "pt") as f:
+        keys = set(f.keys())
+    assert {f"control_model.label_emb.0.{i}.{leaf}" for i in (0, 2) for leaf in ("weight", "bias")} <= keys
+    assert len(keys) == len(controlnet.state_dict())
+    export_controlnet(controlnet, tmp_path / "diffusers", {"global_step": 1})
+    loaded = load_original_controlnet(path, dict(controlnet.config))
+    from_dir = ControlNetModel.from_pretrained(tmp_path / "diffusers")
+    for other in (loaded, from_dir):
+        assert other.state_dict().keys() == controlnet.state_dict().keys()
+        for key, value in controlnet.state_dict().items():
+            assert torch.equal(other.state_dict()[key], value), key
+    expected = _outputs(controlnet, 8)
+    assert expected[-1].abs().max() > 0 and all(d.abs().max() > 0 for d in expected[:-1])  # not zero convs
+    for other in (loaded, from_dir):  # equal weights, same contiguous layout: the same outputs, bit for bit
+        for a, b in zip(expected, _outputs(other, 8), strict=True):
+            assert torch.equal(b, a)
+    # A file written by another tool without the prefix (bare ldm keys) loads the same.
+    bare = {k.removeprefix("control_model."): v for k, v in load_state_dict_file(path).items()}
+    save_file(bare, str(tmp_path / "bare.safetensors"))
+    from_bare = load_original_controlnet(tmp_path / "bare.safetensors", dict(controlnet.config))
+    for a, b in zip(expected, _outputs(from_bare, 8), strict=True):
+        assert torch.equal(b, a)
+
+
+def test_sdxl_original_format_file_passes_the_compatibility_check_and_continues_training(tmp_path):
+    stack = build_stack(compose_train(["model=tiny_sdxl"]).model)
+    source = build_controlnet(stack.unet, 3, conditioning_embedding_out_channels=(8, 16, 16, 32))
+    with torch.no_grad():
+        for p in source.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    path = export_original_controlnet(source, tmp_path / "control_sdxl.safetensors", dtype="fp32")
+    # SDXL's first down block has no attention: the cross-attention width comes from the next one.
+    assert original_controlnet_shapes(path) == {
+        "hint_channels": 3, "in_channels": 4, "model_channels": 32, "cross_attention_dim": 80,
+        "projection_class_embeddings_input_dim": 80, "hint_width_0": 8, "hint_width_1": 16, "hint_width_2": 16,
+        "hint_width_3": 32,
+    }  # fmt: skip
+    torch.save(load_state_dict_file(path), tmp_path / "control_sdxl.pth")  # the pickled layout reads alike
+    assert original_controlnet_shapes(tmp_path / "control_sdxl.pth") == original_controlnet_shapes(path)
+    loaded = build_controlnet(stack.unet, 3, pretrained=str(path))
+    assert list(loaded.config.conditioning_embedding_out_channels) == [8, 16, 16, 32]
+    for key, value in source.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    sd = build_stack(compose_train().model)  # an SD base (cross-attention 32) is refused before loading
+    with pytest.raises(ValueError, match=r"cross_attention_dim=80 does not match the base UNet cross_attention_dim=32"):
+        build_controlnet(sd.unet, 3, pretrained=str(path))
+
+
+@pytest.mark.parametrize(
+    "drop,extra,match",
+    [
+        ("control_model.label_emb.0.2.weight", None, r"missing.*control_model\.label_emb\.0\.2\.weight"),
+        ("control_model.zero_convs.3.0.bias", None, r"missing.*control_model\.zero_convs\.3\.0\.bias"),
+        (None, "control_model.label_emb.0.4.weight", r"unexpected.*control_model\.label_emb\.0\.4\.weight"),
+        (None, "control_model.input_blocks.1.0.extra.weight", r"unexpected.*input_blocks\.1\.0\.extra\.weight"),
+    ],
+)
+def test_an_sdxl_original_file_with_a_missing_or_unexpected_tensor_is_refused(tmp_path, drop, extra, match):
+    controlnet = _controlnet("tiny_sdxl")
+    path = export_original_controlnet(controlnet, tmp_path / "control_sdxl.safetensors", dtype="fp32")
+    state = load_state_dict_file(path)
+    if drop:
+        del state[drop]
+    if extra:
+        state[extra] = torch.zeros(2)
+    save_file(state, str(tmp_path / "broken.safetensors"))
+    with pytest.raises(ValueError, match=match):
+        load_original_controlnet(tmp_path / "broken.safetensors", dict(controlnet.config))
+
+
+def test_an_sdxl_file_is_refused_by_an_sd_config(tmp_path):
+    path = export_original_controlnet(_controlnet("tiny_sdxl"), tmp_path / "control_sdxl.safetensors", dtype="fp32")
+    with pytest.raises(ValueError, match=r"unexpected.*control_model\.label_emb\.0\.0\.weight"):
+        load_original_controlnet(path, dict(_controlnet("tiny").config))
 
 
 def test_half_precision_export_is_close(tmp_path):

@@ -48,3 +48,9 @@ def test_bench_offload_runs_every_strategy():
         ("none", "gpu"), ("accelerate", "gpu"), ("manual_swap", "gpu"), ("manual_swap", "cpu_pinned")
     ]  # fmt: skip
     assert all(r["samples_per_s"] > 0 for r in rows)
+
+
+def test_bench_threads_times_each_thread_count_idle_and_busy():
+    rows = _load("bench_threads").main(["--threads", "1", "2", "--busy", "0", "1", "--steps", "2"])
+    assert [(r["busy"], r["threads"]) for r in rows] == [(0, 1), (0, 2), (1, 1), (1, 2)]
+    assert all(r["s_per_step"] > 0 for r in rows)

@@ -3,15 +3,18 @@
 import hydra
 from omegaconf import DictConfig
 
-from nemo_controlnet.cli import CONFIG_PATH, VERSION_BASE
+from nemo_controlnet.cli import CONFIG_PATH, VERSION_BASE, entry_point, user_errors
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="prep", version_base=VERSION_BASE)
-def main(cfg: DictConfig) -> None:
+def task(cfg: DictConfig) -> None:
     from nemo_controlnet.data.prep import run_prep
 
-    run_prep(cfg)
+    with user_errors():
+        run_prep(cfg)
 
+
+main = entry_point(task, "controlnet-prep")
 
 if __name__ == "__main__":
     main()

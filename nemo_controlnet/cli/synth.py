@@ -3,15 +3,18 @@
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from nemo_controlnet.cli import CONFIG_PATH, VERSION_BASE
+from nemo_controlnet.cli import CONFIG_PATH, VERSION_BASE, entry_point, user_errors
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="synth", version_base=VERSION_BASE)
-def main(cfg: DictConfig) -> None:
+def task(cfg: DictConfig) -> None:
     from nemo_controlnet.data.synthetic import write_shapes_dataset
 
-    write_shapes_dataset(**OmegaConf.to_container(cfg.dataset, resolve=True))
+    with user_errors():
+        write_shapes_dataset(**OmegaConf.to_container(cfg.dataset, resolve=True))
 
+
+main = entry_point(task, "controlnet-synth")
 
 if __name__ == "__main__":
     main()

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import logging
+import signal
+import threading
+from contextlib import contextmanager
 from itertools import islice
+from typing import Iterator
 
+import cv2
 import lightning as L
 import torch
 from hydra.utils import instantiate
@@ -79,6 +84,44 @@ def make_sources(data_cfg: DictConfig) -> list[tuple[object, float]]:
     return [(ShardSource(expand_shards(data_cfg.shards)), 1.0)]
 
 
+# What a signal to the whole process group (Ctrl-C, scancel, SLURM's time limit, kill -TERM -<pgid>)
+# must not do to a loader worker: end it (torch's worker handler re-raises SIGTERM from anyone but
+# its parent; SIGUSR1 kills by default; a worker exits on SIGINT), which makes the main process die
+# with "DataLoader worker ... is killed" instead of checkpointing (training/callbacks.Preemption).
+WORKER_SIGNALS = {getattr(signal, n) for n in ("SIGTERM", "SIGUSR1", "SIGINT") if hasattr(signal, n)}
+
+
+def worker_init(worker_id: int) -> None:
+    """A loader worker leaves SIGTERM, SIGUSR1 and SIGINT to the main process, which checkpoints at
+    the end of the step, stops, and shuts its workers down itself. (One thread each: torch's worker
+    loop sets torch's; OpenCV's is set before the fork, ``sequential_opencv``.)"""
+    for signum in WORKER_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)  # blocked since the fork (signals_blocked)
+
+
+def sequential_opencv() -> None:
+    """OpenCV runs sequentially in this process and in the loader workers forked from it: the workers
+    are the loader's parallelism (``training.perf.configure_threads`` gives the step the other cores),
+    and a thread-count call inside a forked worker can deadlock on the pool the parent started."""
+    cv2.setNumThreads(0)
+
+
+@contextmanager
+def signals_blocked() -> Iterator[None]:
+    """SIGTERM/SIGUSR1/SIGINT held back while loader workers are forked, so none arrives in a worker
+    before ``worker_init`` ignores it; the main process gets any held one right after."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, WORKER_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 class ShardDataModule(L.LightningDataModule):
     def __init__(
         self, data_cfg: DictConfig, hint_channels: int, seed: int, control_key: str = "hint", cached: bool = False
@@ -92,6 +135,8 @@ class ShardDataModule(L.LightningDataModule):
         self.stream: EpochStream | None = None
 
     def setup(self, stage: str) -> None:
+        if int(self.cfg.num_workers) > 0:
+            sequential_opencv()
         self.sources = make_sources(self.cfg)
         world = self.trainer.world_size if self.trainer is not None else 1
         readers = world * max(1, int(self.cfg.num_workers))
@@ -118,8 +163,11 @@ class ShardDataModule(L.LightningDataModule):
         # Its own generator: creating an iterator must not draw from the global RNG, which the
         # training step's noise comes from (and which a resumed run restores).
         generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-        return DataLoader(stream, batch_size=None, num_workers=workers, generator=generator,
-                          pin_memory=torch.cuda.is_available(), prefetch_factor=2 if workers else None)  # fmt: skip
+        loader = DataLoader(stream, batch_size=None, num_workers=workers, generator=generator,
+                            pin_memory=torch.cuda.is_available(), prefetch_factor=2 if workers else None,
+                            worker_init_fn=worker_init if workers else None)  # fmt: skip
+        with signals_blocked():  # the workers start with them blocked, then ignore them (worker_init)
+            return iter(loader)
 
     def train_dataloader(self) -> EpochStream:
         self.stream = EpochStream(self._epoch_loader, start=self.resume_position)

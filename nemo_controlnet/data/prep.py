@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from nemo_controlnet import __version__
+from nemo_controlnet.config import validate_prep_config
 from nemo_controlnet.data.decode import BadSample, decode_caption, load_hint, load_image
 from nemo_controlnet.data.hints import MissingConditioning
 from nemo_controlnet.data.shards import (
@@ -34,7 +35,7 @@ from nemo_controlnet.data.shards import (
     write_stats,
 )
 from nemo_controlnet.data.sources import ImageFolder, RawSample
-from nemo_controlnet.io import atomic_path, write_json_atomic
+from nemo_controlnet.io import atomic_path, ensure_space, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +121,10 @@ def write_unit(index: int, unit, source, processor: SampleProcessor, out_dir: Pa
     stats_path(out_dir, name).unlink(missing_ok=True)  # until rewritten, this shard is incomplete
     start = time.time()
     written, skipped, converted = 0, Counter(), Counter()
-    with atomic_path(out_dir / name) as tmp:
+    largest = max((p.stat().st_size for p in out_dir.glob("*.tar")), default=0)
+    if largest:  # the next shard is about as large as the largest so far: fail now, not half-way through it
+        ensure_space(out_dir / name, largest)
+    with atomic_path(out_dir / name, expected_bytes=largest or None) as tmp:
         with wds.TarWriter(str(tmp)) as sink:
             for raw in source.read(unit):
                 if isinstance(raw, BadSample):
@@ -346,6 +350,7 @@ def precompute(cfg: DictConfig) -> dict:
 
 
 def run_prep(cfg: DictConfig) -> dict:
+    validate_prep_config(cfg)  # before the model stack is imported: a bad value fails in seconds, naming its key
     from nemo_controlnet.data.encode import encode_shards  # imports the model stack
 
     modes = {"shards": make_shards, "merge": merge, "precompute": precompute, "encode": encode_shards}

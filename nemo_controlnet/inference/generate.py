@@ -19,7 +19,7 @@ from nemo_controlnet.inference.pipeline import controlnet_pipeline, grid, hint_t
 from nemo_controlnet.io import atomic_path
 from nemo_controlnet.models.adapters import load_adapter
 from nemo_controlnet.models.controlnet import check_compatible, set_only_mid_control
-from nemo_controlnet.models.formats import read_metadata
+from nemo_controlnet.models.formats import read_metadata, verify_weights
 from nemo_controlnet.models.stack import build_stack, fingerprint, freeze
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,9 @@ def load_sampler(cfg: DictConfig) -> Sampler:
             f"the base model built here differs from the one {controlnet_dir} was trained over "
             f"(fingerprint {expected}); set use_recorded_base=false and point model= at that base"
         )
+    for weights in (controlnet_dir, unet_dir):
+        if weights is not None:
+            verify_weights(weights)
     unet = UNet2DConditionModel.from_pretrained(unet_dir, local_files_only=True) if unet_dir else stack.unet
     controlnet_config = dict(ControlNetModel.load_config(controlnet_dir))
     hint_channels = int(meta.get("hint", {}).get("channels", controlnet_config["conditioning_channels"]))

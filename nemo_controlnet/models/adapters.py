@@ -172,7 +172,7 @@ def save_lora(unet: torch.nn.Module, out_dir, metadata: dict | None = None) -> N
     from nemo_controlnet.io import atomic_dir
 
     config = unet.peft_config["default"]
-    with atomic_dir(Path(out_dir)) as tmp:
+    with atomic_dir(Path(out_dir), checksums=True) as tmp:
         if type(config).__name__ == "LoraConfig":
             layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
             StableDiffusionPipeline.save_lora_weights(
@@ -194,7 +194,10 @@ def load_adapter(pipe, path) -> str:
     Returns the adapter's type."""
     from pathlib import Path
 
+    from nemo_controlnet.models.formats import verify_weights
+
     path = Path(path)
+    verify_weights(path)
     if (path / "pytorch_lora_weights.safetensors").is_file():
         pipe.load_lora_weights(str(path))
         return "lora"

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 
-from nemo_controlnet.models.formats import load_original_controlnet, original_controlnet_shapes
+from nemo_controlnet.models.formats import load_original_controlnet, original_controlnet_shapes, verify_weights
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ def build_controlnet(
             controlnet = load_original_controlnet(path, config)
         elif (path / "config.json").is_file():
             check_compatible(dict(ControlNetModel.load_config(path)), unet, hint_channels, path)
+            verify_weights(path)
             controlnet = ControlNetModel.from_pretrained(path, local_files_only=True)
         else:
             raise FileNotFoundError(

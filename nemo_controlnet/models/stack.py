@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import CLIPTokenizer
 
 from nemo_controlnet.config import validate_model_config
+from nemo_controlnet.models.formats import verify_weights
 from nemo_controlnet.models.single_file import component_from_node, release_checkpoints
 from tokenizers.pre_tokenizers import ByteLevel
 
@@ -113,6 +114,8 @@ def build_stack(model_cfg: DictConfig) -> LockedStack:
     if model_cfg.get("prediction_type"):
         noise_scheduler.register_to_config(prediction_type=model_cfg.prediction_type)
     second = cond.get("text_encoder_2")
+    if model_cfg.get("path"):  # a diffusers directory; one we exported carries SHA256SUMS
+        verify_weights(model_cfg.path)
     # Tokenizers first: a missing vocabulary fails before gigabytes of weights are read.
     tokenizer = instantiate(cond.tokenizer)
     tokenizer_2 = instantiate(cond.tokenizer_2) if second else None

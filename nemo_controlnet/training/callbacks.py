@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.flop_counter import FlopCounterMode
 from PIL import Image
@@ -17,7 +18,7 @@ from nemo_controlnet.eval.metrics import mean_metrics, sample_metrics
 from nemo_controlnet.inference.pipeline import controlnet_pipeline, grid, hint_to_uint8, sample
 from nemo_controlnet.io import atomic_path
 from nemo_controlnet.training.distributed import full_controlnet
-from nemo_controlnet.training.checkpoint import checkpoint_name, list_checkpoints
+from nemo_controlnet.training.checkpoint import checkpoint_name, list_checkpoints, remove_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +72,48 @@ class StepCheckpoint(_EveryNOptimizerSteps):
         self.keep_last = keep_last
 
     def fire(self, trainer, pl_module, step: int) -> None:
-        path = self.dirpath / checkpoint_name(step)
-        if step == 0 or path.exists():
+        if step == 0:
             return
-        trainer.save_checkpoint(path, weights_only=False)  # every rank calls it; the strategy writes on rank 0
+        save_step_checkpoint(trainer, self.dirpath, step)
         if trainer.is_global_zero and self.keep_last > 0:
             for _, old in list_checkpoints(self.dirpath)[: -self.keep_last]:
-                old.unlink(missing_ok=True)
+                remove_checkpoint(old)
                 log.info("removed old checkpoint %s", old)
+
+
+def save_step_checkpoint(trainer, dirpath: Path, step: int) -> bool:
+    """``dirpath/step=N.ckpt`` unless it exists. The loggers are flushed first: every row logged up
+    to this step is on disk before the checkpoint that covers it, so a kill right after the
+    checkpoint loses no row (the resumed run logs from the next step on)."""
+    path = dirpath / checkpoint_name(step)
+    if path.exists():
+        return False
+    for logger in trainer.loggers:
+        logger.save()
+    trainer.save_checkpoint(path, weights_only=False)  # every rank calls it; the strategy writes on rank 0
+    return True
+
+
+class StepMetrics(_StepBoundary):
+    """Logs ``train/loss`` (the mean over the step's micro-batches) at every ``log_every_n_steps``-th
+    optimizer step, under that step's number, from ``on_train_batch_end``: before the checkpoint
+    of the same step is written (Lightning would log it only after every callback had run)."""
+
+    def __init__(self, every_n_steps: int):
+        self.every = max(1, int(every_n_steps))
+        self._losses: list[torch.Tensor] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self._losses.append(loss.detach())
+        if not self.stepped(trainer):
+            return
+        step, losses, self._losses = trainer.global_step, self._losses, []
+        if step % self.every == 0 and losses and trainer.logger is not None:
+            # Lightning hands over the loss divided by the accumulation count; undo that.
+            mean = torch.stack(losses).float().mean() * trainer.accumulate_grad_batches
+            trainer.logger.log_metrics({"train/loss": mean.item()}, step=step)  # a sync every N steps only
 
 
 class ValidationImages(_EveryNOptimizerSteps):
@@ -272,11 +307,12 @@ class Throughput(L.Callback):
 
 
 class Preemption(_StepBoundary):
-    """On SIGUSR1 (SLURM's warning: ``#SBATCH --signal=USR1@120``) or SIGTERM: finish the step, write
-    ``checkpoints/step=N.ckpt``, stop, and requeue the job when under SLURM. The requeued job resumes
-    from that checkpoint at the same step. Ranks agree on stopping every ``check_every`` steps."""
+    """On SIGUSR1 (SLURM's warning: ``#SBATCH --signal=USR1@120``), SIGTERM or Ctrl-C (SIGINT): finish
+    the step, write ``checkpoints/step=N.ckpt``, stop, and requeue the job when under SLURM. The
+    requeued job resumes from that checkpoint at the same step. Ranks agree on stopping every
+    ``check_every`` steps. A second Ctrl-C stops at once (KeyboardInterrupt), without a checkpoint."""
 
-    SIGNALS = ("SIGUSR1", "SIGTERM")
+    SIGNALS = ("SIGUSR1", "SIGTERM", "SIGINT")
 
     def __init__(self, dirpath: str | Path, check_every: int = 10):
         self.dirpath = Path(dirpath)
@@ -285,26 +321,43 @@ class Preemption(_StepBoundary):
         self.stopped = False
         self._previous: dict = {}
 
-    def setup(self, trainer, pl_module, stage):
+    def on_train_start(self, trainer, pl_module):
+        # Installed after Lightning's own SIGTERM handler (registered once fit has set up), in its
+        # place: Lightning's would end a DDP run at the next batch with SIGTERMException, before the
+        # checkpoint, and a single process at the end without the requeue. A SIGTERM it caught
+        # before this point is taken over.
         import signal
         import threading
 
-        if threading.current_thread() is threading.main_thread():
-            for name in self.SIGNALS:
-                self._previous[name] = signal.signal(getattr(signal, name), self._handle)
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in self.SIGNALS:
+            self._previous[name] = signal.signal(getattr(signal, name), self._handle)
+        if getattr(trainer, "received_sigterm", False):
+            trainer.received_sigterm = False
+            self._handle(signal.SIGTERM, None)
 
-    def teardown(self, trainer, pl_module, stage):
-        # Put the process's handlers back: left in place, a SIGTERM would be swallowed after the run,
-        # also in every process forked later (a worker pool's terminate() would then wait forever).
+    def _restore(self) -> None:
+        # Put the handlers of before the run back (Lightning then restores its own originals): left
+        # in place, a SIGTERM would be swallowed after the run, also in every process forked later
+        # (a worker pool's terminate() would then wait forever).
         import signal
 
         for name, handler in self._previous.items():
             signal.signal(getattr(signal, name), handler if handler is not None else signal.SIG_DFL)
         self._previous.clear()
 
+    def on_exception(self, trainer, pl_module, exception):
+        self._restore()  # a failed run (a full disk, a bad batch) does not reach on_train_end
+
     def _handle(self, signum, frame):
+        import signal
+
+        if signum == signal.SIGINT and self.requested is not None:
+            raise KeyboardInterrupt  # Ctrl-C twice: stop now
         self.requested = signum
-        log.warning("signal %d received: checkpoint at the end of this step, then stop", signum)
+        log.warning("signal %s received: checkpoint at the end of this step, then stop%s", signal.Signals(signum).name,
+                    " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "")  # fmt: skip
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         step = trainer.global_step
@@ -318,7 +371,7 @@ class Preemption(_StepBoundary):
             stop = self.requested is not None
         if not stop or self.stopped:
             return
-        trainer.save_checkpoint(self.dirpath / checkpoint_name(step), weights_only=False)
+        save_step_checkpoint(trainer, self.dirpath, step)  # already there when the signal came during its write
         trainer.should_stop = True
         self.stopped = True
         log.warning("preempted: checkpoint at step %d written, stopping", step)
@@ -326,6 +379,8 @@ class Preemption(_StepBoundary):
     def on_train_end(self, trainer, pl_module):
         import os
         import subprocess
+
+        self._restore()
 
         job = os.environ.get("SLURM_JOB_ID")
         if not (self.stopped and trainer.is_global_zero and job):
@@ -335,3 +390,27 @@ class Preemption(_StepBoundary):
             log.warning("requeued SLURM job %s", job)
         else:
             log.error("could not requeue SLURM job %s: %s", job, result.stderr.strip())
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Progress in optimizer steps (``step 30/600``) from where the run (re)started: the training
+    stream is endless, so Lightning's per-epoch batch count (``Epoch 0/-2``) means nothing here."""
+
+    def on_train_epoch_start(self, trainer, *_):
+        bar = self.train_progress_bar
+        if bar.total != trainer.max_steps:  # once: the endless stream is one Lightning epoch
+            bar.reset(total=trainer.max_steps)
+            self._show(bar, trainer.global_step)
+        bar.set_description("step")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        bar, n = self.train_progress_bar, trainer.global_step
+        if bar is not None and self._should_update(n, bar.total):
+            self._show(bar, n)
+            bar.set_postfix(self.get_metrics(trainer, pl_module))
+
+    @staticmethod
+    def _show(bar, n: int) -> None:
+        if not bar.disable:
+            bar.n = n
+            bar.refresh()

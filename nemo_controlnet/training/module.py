@@ -295,9 +295,9 @@ class ControlNetModule(L.LightningModule):
             )
         loss = self.diffusion_loss(batch)
         self.data_position = tuple(batch["data_position"])
-        # Rank 0's loss: averaging over ranks would cost an all-reduce every step.
-        size = len(batch["caption"])
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        # Rank 0's loss: averaging over ranks would cost an all-reduce every step. The progress bar
+        # shows it here; callbacks.StepMetrics logs it, before the step's checkpoint is written.
+        self.log("train/loss", loss, prog_bar=True, logger=False, batch_size=len(batch["caption"]))
         return loss
 
     # -- optimizer -------------------------------------------------------------------------

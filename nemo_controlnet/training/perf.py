@@ -4,6 +4,7 @@ checkpointing, then channels_last, then regional compile (Lightning wraps for DD
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.utils.checkpoint
@@ -70,3 +71,30 @@ def apply_performance(module, perf: DictConfig, device_type: str) -> dict:
                            "cudnn": b.cudnn_sdp_enabled(), "math": b.math_sdp_enabled()}  # fmt: skip
     log.info("performance settings: %s", applied or "none")
     return applied
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity: what SLURM's or a container's cpuset gives
+    it), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def configure_threads(setting, num_workers: int) -> int:
+    """torch's intra-op threads for the training process: ``setting`` when a number; ``auto``: the
+    available CPUs less one per DataLoader worker (each worker runs one thread), at least one, so
+    the step and the loader do not oversubscribe the cores. OMP_NUM_THREADS, when set, wins."""
+    cpus = available_cpus()
+    if os.environ.get("OMP_NUM_THREADS"):
+        threads, why = torch.get_num_threads(), f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}"
+    elif setting in (None, "auto"):
+        threads = max(1, cpus - num_workers)
+        why = f"auto: {cpus} available CPU(s) - {num_workers} loader worker(s)"
+        torch.set_num_threads(threads)
+    else:
+        threads, why = int(setting), "perf.cpu_threads"
+        torch.set_num_threads(threads)
+    log.info("torch threads: %d (%s; each loader worker runs 1)", threads, why)
+    return threads

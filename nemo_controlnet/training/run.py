@@ -6,6 +6,7 @@ import json
 import logging
 import time
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 
 import lightning as L
@@ -21,15 +22,22 @@ from nemo_controlnet.config import validate_train_config
 from nemo_controlnet.data.datamodule import ShardDataModule, validation_samples
 from nemo_controlnet.data.encode import cached_encoding, check_encoder
 from nemo_controlnet.data.synthetic import write_shapes_dataset
-from nemo_controlnet.io import atomic_path
+from nemo_controlnet.io import CHECKSUM_SUFFIX, DirectoryLock, atomic_path, sweep_stale_temps
 from nemo_controlnet.inference.pipeline import controlnet_pipeline
 from nemo_controlnet.models.adapters import check_adapter_run, save_lora
 from nemo_controlnet.models.formats import export_base, export_controlnet, export_original_controlnet
-from nemo_controlnet.training.callbacks import Preemption, StepCheckpoint, Throughput, ValidationImages
+from nemo_controlnet.training.callbacks import (
+    Preemption,
+    StepCheckpoint,
+    StepMetrics,
+    StepProgressBar,
+    Throughput,
+    ValidationImages,
+)
 from nemo_controlnet.training.distributed import configure_fsdp, full_controlnet, is_fsdp
 from nemo_controlnet.training.checkpoint import AtomicCheckpointIO, latest_checkpoint, list_checkpoints
 from nemo_controlnet.training.module import ControlNetModule
-from nemo_controlnet.training.perf import apply_performance
+from nemo_controlnet.training.perf import apply_performance, configure_threads
 
 log = logging.getLogger(__name__)
 
@@ -156,14 +164,38 @@ def export_run(
     return out
 
 
+def take_run_dir(run_dir: Path, stack: ExitStack) -> None:
+    """The launcher's rank holds an exclusive lock on ``run_dir`` for the whole run (a second
+    training there is refused, naming the holder) and, holding it, removes what killed writers
+    left behind: checkpoint temp files (no other process writes checkpoints here), checksums
+    of checkpoints that were never renamed into place, other temp files of dead processes."""
+    stack.enter_context(DirectoryLock(run_dir, "training"))
+    ckpt_dir = run_dir / "checkpoints"
+    sweep_stale_temps(ckpt_dir, only_dead=False)
+    for sidecar in ckpt_dir.glob(f"step=*.ckpt{CHECKSUM_SUFFIX}") if ckpt_dir.is_dir() else []:
+        if not sidecar.with_suffix("").exists():
+            sidecar.unlink()
+    for directory in (run_dir, run_dir / "samples"):
+        sweep_stale_temps(directory)  # also written by controlnet-export/-eval: only dead writers' files
+
+
 def train(cfg: DictConfig) -> tuple[L.Trainer, ControlNetModule]:
     OmegaConf.resolve(cfg)  # sub-configs go on alone (model, data): their cross-references resolved here
     validate_train_config(cfg)
     check_adapter_run(cfg, cuda=torch.cuda.is_available() and cfg.trainer.accelerator != "cpu")
     run_dir = Path(cfg.run_dir)
-    ckpt_dir = run_dir / "checkpoints"
     run_dir.mkdir(parents=True, exist_ok=True)
+    with ExitStack() as stack:
+        if rank_zero_only.rank == 0:  # the launcher's rank, known before the Trainer exists
+            take_run_dir(run_dir, stack)
+        return _train(cfg, run_dir)
+
+
+def _train(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, ControlNetModule]:
+    ckpt_dir = run_dir / "checkpoints"
     log.info("run_dir %s (torch %s, cuda %s)", run_dir.resolve(), torch.__version__, torch.cuda.is_available())
+    perf = cfg.get("perf") or {}
+    configure_threads(perf.get("cpu_threads", "auto"), int(cfg.data.num_workers))
 
     # Safe on every rank at once: shards are deterministic and each is renamed into place whole.
     ensure_synthetic_data(cfg.data)
@@ -172,7 +204,8 @@ def train(cfg: DictConfig) -> tuple[L.Trainer, ControlNetModule]:
         log.info("cached latents and text embeddings from %s (encoders %s, %d px): the VAE encoder and text "
                  "encoders are not run in the step", encoded["manifest"], encoded["fingerprint"],
                  encoded["resolution"])  # fmt: skip
-    ckpt_path = latest_checkpoint(ckpt_dir) if cfg.resume else None
+    skip_unsafe = bool(cfg.checkpoint.get("skip_unsafe", False))
+    ckpt_path = latest_checkpoint(ckpt_dir, skip_unsafe) if cfg.resume else None
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
     elif cfg.resume:
@@ -194,15 +227,16 @@ def train(cfg: DictConfig) -> tuple[L.Trainer, ControlNetModule]:
     prompts, hints, metas = validation_samples(cfg.validation, cfg.data, int(cfg.model.hint_channels))
 
     logger = _logger(cfg, run_dir)
-    preemption = Preemption(ckpt_dir)
     validation = ValidationImages(
         run_dir / "samples", prompts, hints, cfg.validation.every_n_steps, cfg.validation.num_inference_steps,
         cfg.validation.guidance_scale, cfg.validation.seed, cfg.validation.sampler, metas,
         bool(cfg.validation.get("guess_mode", False)),
     )  # fmt: skip
-    checkpoints = StepCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last)
-    callbacks = [checkpoints, preemption, validation]
-    perf = cfg.get("perf") or {}
+    # Everything that logs at a step runs before the checkpoints of that step (StepCheckpoint and
+    # Preemption, last): a kill right after a checkpoint loses no log row.
+    callbacks = [StepMetrics(cfg.trainer.get("log_every_n_steps", 50)), validation]
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(StepProgressBar())
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if isinstance(trainer_kwargs.get("strategy"), dict):  # a strategy object from a _target_ node
         trainer_kwargs["strategy"] = instantiate(cfg.trainer.strategy)
@@ -215,6 +249,8 @@ def train(cfg: DictConfig) -> tuple[L.Trainer, ControlNetModule]:
             Throughput(perf.get("warmup_steps", 5), cfg.trainer.get("log_every_n_steps", 10),
                        perf.get("peak_tflops"), count_flops)
         )  # fmt: skip
+    preemption = Preemption(ckpt_dir)
+    callbacks += [StepCheckpoint(ckpt_dir, cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last), preemption]
     trainer = L.Trainer(
         **trainer_kwargs,
         default_root_dir=str(run_dir),
@@ -266,7 +302,7 @@ def export_checkpoint(
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     cfg.export.original, cfg.export.dtype = original, dtype
-    path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir / "checkpoints")
+    path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir / "checkpoints", skip_unsafe=False)
     if path is None or not path.is_file():
         raise FileNotFoundError(f"no checkpoint to export in {run_dir / 'checkpoints'}")
     module = ControlNetModule(cfg.model, cfg.optim, cfg.trainer.precision, adapter_cfg=cfg.get("adapter"),
