@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_module  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
 from nemo_controlnet.data.synthetic import write_shapes_dataset  # noqa: E402
+from tests.slurm_cluster import SlurmCluster, missing_parts  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -54,3 +55,14 @@ def train_cfg(tmp_path, shapes_dir):
         return cfg
 
     return make
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real SLURM cluster (munged, slurmctld, two slurmd nodes) for the whole test run."""
+    why = missing_parts()
+    if why:
+        pytest.skip(why)
+    cluster = SlurmCluster().start()
+    yield cluster
+    cluster.stop()

@@ -39,6 +39,16 @@ log = logging.getLogger(__name__)
 _prog = "nemo_controlnet"  # the running command's name, for messages (set by entry_point)
 
 
+def rank_suffix() -> str:
+    """``_rankN`` for rank N > 0 of a job whose tasks the launcher started (srun: SLURM_PROCID;
+    torchrun: RANK), so each rank keeps its own log file; "" for rank 0 and single processes."""
+    rank = os.environ.get("RANK") or (os.environ.get("SLURM_PROCID") if os.environ.get("SLURM_STEP_ID") else None)
+    return f"_rank{rank}" if rank and rank != "0" else ""
+
+
+OmegaConf.register_new_resolver("rank_suffix", rank_suffix, replace=True)  # conf/train.yaml: the log file
+
+
 def verbose() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR") == "1"
 

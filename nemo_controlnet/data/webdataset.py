@@ -223,7 +223,12 @@ def assigned(items: list, rng_seed: str, epoch_seed: str, resampled: bool) -> It
         return (rng.choice(items) for _ in itertools.count())
     order = list(items)
     random.Random(epoch_seed).shuffle(order)
-    return iter(order[rank::world][worker::workers])
+    mine = order[rank::world][worker::workers]
+    # Which rank and worker read what: the line to look for when two ranks seem to see the same data.
+    names = [Path(u[0] if isinstance(u, tuple) else u).name for u in mine]  # a shard, or (image, hint)
+    log.info("rank %d/%d worker %d/%d, epoch seed %s: %d of %d %s", rank, world, worker, workers, epoch_seed,
+             len(mine), len(order), names[:8] + (["..."] if len(names) > 8 else []))  # fmt: skip
+    return iter(mine)
 
 
 class ShardSource:

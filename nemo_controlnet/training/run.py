@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import warnings
 from contextlib import ExitStack
@@ -194,6 +195,11 @@ def train(cfg: DictConfig) -> tuple[L.Trainer, ControlNetModule]:
 def _train(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, ControlNetModule]:
     ckpt_dir = run_dir / "checkpoints"
     log.info("run_dir %s (torch %s, cuda %s)", run_dir.resolve(), torch.__version__, torch.cuda.is_available())
+    if os.environ.get("SLURM_JOB_ID"):  # which job, which start of it, which task: what a remote log needs
+        env = os.environ.get
+        log.info("SLURM job %s, restart %s, task %s of %s on node %s", env("SLURM_JOB_ID"),
+                 env("SLURM_RESTART_COUNT", "0"), env("SLURM_PROCID", "0"), env("SLURM_NTASKS", "1"),
+                 env("SLURMD_NODENAME", "?"))  # fmt: skip
     perf = cfg.get("perf") or {}
     configure_threads(perf.get("cpu_threads", "auto"), int(cfg.data.num_workers))
 
