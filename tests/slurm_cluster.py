@@ -123,6 +123,9 @@ PartitionName=debug Nodes={",".join(NODES)} Default=YES MaxTime=INFINITE State=U
     def stop(self) -> None:
         if "slurmctld" in self.pids:
             self.run("scancel", "--full", "--user=root", check=False)
+            deadline = time.time() + 20  # let the nodes end what still runs before they go
+            while self.run("squeue", "-h", check=False).stdout.strip() and time.time() < deadline:
+                time.sleep(0.5)
         for name in ("slurmd-n1", "slurmd-n2", "slurmctld", "munged"):
             pid = self.pids.pop(name, None)
             if pid is None:

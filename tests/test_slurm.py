@@ -182,9 +182,11 @@ def test_signals_at_the_time_limit_checkpoint_requeue_and_resume_without_a_gap(s
     run, steps = tmp_path / "run", 150
     job = _submit_training(slurm_cluster, tmp_path, run, shapes_dir, ["--nodes=1", "--ntasks-per-node=2"],
                            f"trainer.max_steps={steps}", "checkpoint.every_n_steps=0")  # fmt: skip
-    log = run / "train.log"
+    log, log1 = run / "train.log", run / "train_rank1.log"
     for restart, signal_name in enumerate(("USR1", "TERM")):
-        _wait_for(f"start {restart} to train", lambda r=restart: _read(log).count("first batch") > r)
+        # Both ranks training (their handlers in place), then the signal to every process of the step.
+        _wait_for(f"start {restart} to train",
+                  lambda r=restart: _read(log).count("first batch") > r and _read(log1).count("first batch") > r)
         slurm_cluster.run("scancel", f"--signal={signal_name}", job)
         _wait_for(f"the requeued start {restart + 1}", lambda r=restart: f"restart {r + 1}, task 0" in _read(log))
     records = slurm_cluster.wait(job)
