@@ -37,10 +37,9 @@ from tqdm import tqdm
 
 from nemo_controlnet import __version__
 from nemo_controlnet.data.decode import BadSample, decode_caption, load_hint, load_image, open_image
-from nemo_controlnet.data.prep import encode as encode_image
-from nemo_controlnet.data.prep import resolve_task, task_units
-from nemo_controlnet.data.shards import STATE_DIR, check_params, is_complete, shard_name, stats_path, write_manifest
-from nemo_controlnet.data.shards import write_stats
+from nemo_controlnet.data.shards import STATE_DIR, check_params, is_complete, resolve_task, shard_name, stats_path
+from nemo_controlnet.data.shards import encode as encode_image
+from nemo_controlnet.data.shards import task_units, write_manifest, write_stats
 from nemo_controlnet.data.tarshards import shard_samples
 from nemo_controlnet.data.transforms import ResizeCrop, normalize_image, to_uint8_chw
 from nemo_controlnet.data.webdataset import SkipCounter, expand_shards

@@ -4,11 +4,9 @@ friendly. Also ``mode=precompute`` (hint files beside an image folder), ``mode=m
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import multiprocessing
-import os
 import random
 import time
 from collections import Counter
@@ -28,9 +26,12 @@ from nemo_controlnet.data.hints import MissingConditioning
 from nemo_controlnet.data.shards import (
     STATE_DIR,
     check_params,
+    encode,
     is_complete,
+    resolve_task,
     shard_name,
     stats_path,
+    task_units,
     write_manifest,
     write_stats,
 )
@@ -38,19 +39,6 @@ from nemo_controlnet.data.sources import ImageFolder, RawSample
 from nemo_controlnet.io import atomic_path, ensure_space, write_json_atomic
 
 log = logging.getLogger(__name__)
-
-ENCODINGS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
-
-
-def encode(image: Image.Image, member: str, quality: int) -> bytes:
-    """Bytes in the format the member's extension names (``jpg``, ``target.png``, ...)."""
-    fmt = ENCODINGS.get(member.rsplit(".", 1)[-1].lower())
-    if fmt is None:
-        raise ValueError(f"cannot encode an image as '{member}': use one of {sorted(ENCODINGS)}")
-    buf = io.BytesIO()
-    image.save(buf, format=fmt, **({"quality": quality} if fmt in ("JPEG", "WEBP") else {}))
-    return buf.getvalue()
-
 
 def resize_short_side(image: Image.Image, size: int | None) -> Image.Image:
     """Downscale so the shorter side is ``size`` (aspect kept; never upscales: crops are training's job)."""
@@ -186,23 +174,6 @@ def _map(jobs: list, workers: int, init_args: tuple) -> Iterable[dict]:
         return
     with multiprocessing.get_context("fork").Pool(workers, initializer=_init_worker, initargs=init_args) as pool:
         yield from pool.imap_unordered(_run_unit, jobs)
-
-
-def resolve_task(task_index: int | None, num_tasks: int | None) -> tuple[int, int]:
-    """This task's slice, by default from the SLURM array (whose ids need not start at 0)."""
-    env = os.environ
-    if num_tasks is None:
-        num_tasks = int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
-    if task_index is None:
-        task_index = int(env.get("SLURM_ARRAY_TASK_ID", 0)) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
-    if not 0 <= task_index < num_tasks:
-        raise ValueError(f"task_index={task_index} is outside 0..{num_tasks - 1} (num_tasks={num_tasks})")
-    return task_index, num_tasks
-
-
-def task_units(num_units: int, task_index: int, num_tasks: int) -> list[int]:
-    """Round-robin: every unit belongs to exactly one task, and big inputs spread evenly."""
-    return list(range(task_index, num_units, num_tasks))
 
 
 def prep_params(cfg: DictConfig) -> dict:

@@ -1,4 +1,5 @@
-"""Output bookkeeping of ``controlnet-prep``: per-shard stats sidecars and the manifest.
+"""Output bookkeeping of ``controlnet-prep`` and ``mode=encode``: per-shard stats sidecars, the
+manifest, the members' image encodings and the SLURM-array task split, which both writers share.
 
 A shard counts as complete when its tar and its stats file (``.prep/<name>.json``, written after
 the tar was renamed into place) both exist. The manifest is built only from stats files, so it
@@ -7,9 +8,13 @@ never lists a shard that is partial or missing; it is replaced atomically.
 
 from __future__ import annotations
 
+import io
 import json
+import os
 from collections import Counter
 from pathlib import Path
+
+from PIL import Image
 
 from nemo_controlnet import __version__
 from nemo_controlnet.io import write_json_atomic
@@ -83,3 +88,33 @@ def write_manifest(out_dir: Path, params: dict, num_units: int, prefix: str) -> 
     }
     write_json_atomic(out_dir / MANIFEST, manifest)
     return manifest
+
+
+ENCODINGS = {"jpg": "JPEG", "jpeg": "JPEG", "png": "PNG", "webp": "WEBP"}
+
+
+def encode(image: Image.Image, member: str, quality: int) -> bytes:
+    """Bytes in the format the member's extension names (``jpg``, ``target.png``, ...)."""
+    fmt = ENCODINGS.get(member.rsplit(".", 1)[-1].lower())
+    if fmt is None:
+        raise ValueError(f"cannot encode an image as '{member}': use one of {sorted(ENCODINGS)}")
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **({"quality": quality} if fmt in ("JPEG", "WEBP") else {}))
+    return buf.getvalue()
+
+
+def resolve_task(task_index: int | None, num_tasks: int | None) -> tuple[int, int]:
+    """This task's slice, by default from the SLURM array (whose ids need not start at 0)."""
+    env = os.environ
+    if num_tasks is None:
+        num_tasks = int(env.get("SLURM_ARRAY_TASK_COUNT", 1))
+    if task_index is None:
+        task_index = int(env.get("SLURM_ARRAY_TASK_ID", 0)) - int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+    if not 0 <= task_index < num_tasks:
+        raise ValueError(f"task_index={task_index} is outside 0..{num_tasks - 1} (num_tasks={num_tasks})")
+    return task_index, num_tasks
+
+
+def task_units(num_units: int, task_index: int, num_tasks: int) -> list[int]:
+    """Round-robin: every unit belongs to exactly one task, and big inputs spread evenly."""
+    return list(range(task_index, num_units, num_tasks))

@@ -25,6 +25,7 @@ from transformers import CLIPTokenizer, PretrainedConfig
 
 from nemo_controlnet.io import atomic_path
 from nemo_controlnet.models.formats import DTYPES, _resnet, load_state_dict_file, original_controlnet_key
+from nemo_controlnet.models.tokenizers import byte_level_clip_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +122,6 @@ def sd_clip_tokenizer(
     if bpe_path or find_bpe():
         return clip_tokenizer_from_bpe(bpe_path, model_max_length, pad_token)
     if checkpoint is None:
-        from nemo_controlnet.models.stack import byte_level_clip_tokenizer
-
         log.info("no CLIP BPE vocabulary installed: byte-level tokenizer for the random-init architecture")
         return byte_level_clip_tokenizer(model_max_length)
     return clip_tokenizer_from_bpe(bpe_path, model_max_length, pad_token)  # raises, saying what to install

@@ -19,22 +19,9 @@ from transformers import CLIPTokenizer
 from nemo_controlnet.config import validate_model_config
 from nemo_controlnet.models.formats import verify_weights
 from nemo_controlnet.models.single_file import component_from_node, release_checkpoints
-from tokenizers.pre_tokenizers import ByteLevel
+from nemo_controlnet.models.tokenizers import byte_level_clip_tokenizer  # noqa: F401  (run configs name it here)
 
 log = logging.getLogger(__name__)
-
-SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
-
-
-def byte_level_clip_tokenizer(model_max_length: int = 77) -> CLIPTokenizer:
-    """A CLIP tokenizer over single bytes (no merges), built in memory.
-
-    It needs no vocabulary file, so the embedded default runs offline; 512 + 2 tokens.
-    """
-    symbols = sorted(ByteLevel.alphabet())
-    vocab = {tok: i for i, tok in enumerate(symbols + [s + "</w>" for s in symbols] + list(SPECIAL_TOKENS))}
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=model_max_length)
-
 
 @dataclass
 class LockedStack:
