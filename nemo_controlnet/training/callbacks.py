@@ -86,7 +86,9 @@ def save_step_checkpoint(trainer, dirpath: Path, step: int) -> bool:
     to this step is on disk before the checkpoint that covers it, so a kill right after the
     checkpoint loses no row (the resumed run logs from the next step on)."""
     path = dirpath / checkpoint_name(step)
-    if path.exists():
+    # Rank 0's answer for every rank: a rank that looked after rank 0 had written the file would skip
+    # save_checkpoint, whose barrier the others then wait at forever.
+    if trainer.strategy.broadcast(path.exists()):
         return False
     for logger in trainer.loggers:
         logger.save()
