@@ -245,7 +245,7 @@ def validate_train_config(cfg: DictConfig) -> None:
 
 
 def validate_prep_config(cfg: DictConfig) -> None:
-    """controlnet-prep (data/prep.py): the mode, where the output goes, the pass-through blocks."""
+    """controlnet-prep (prep/job.py): the mode, where the output goes, the pass-through blocks."""
     c = _Checker(cfg)
     c.check("mode", lambda v: v in PREP_MODES, f"one of {list(PREP_MODES)}")
     mode = OmegaConf.select(cfg, "mode", default=None)
@@ -256,7 +256,7 @@ def validate_prep_config(cfg: DictConfig) -> None:
         check_output_dir(c, "precompute.hints_dir" if OmegaConf.select(cfg, "precompute.hints_dir") else "source.root")
     c.check("shard_size", _pos_int, "a positive integer")
     c.check("workers", _nonneg_int, "an integer >= 0")
-    if mode == "shards":  # the modes that instantiate these blocks (data/prep.py, data/encode.py)
+    if mode == "shards":  # the modes that instantiate these blocks (prep/job.py, prep/encode.py)
         check_target_arguments(c, "source")
     if mode in ("shards", "precompute", "encode"):
         check_target_arguments(c, "hint")

@@ -9,7 +9,7 @@ import pytest  # noqa: E402
 from hydra import compose, initialize_config_module  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-from nemo_controlnet.data.synthetic import write_shapes_dataset  # noqa: E402
+from nemo_controlnet.prep.synthetic import write_shapes_dataset  # noqa: E402
 from tests.slurm_cluster import SlurmCluster, missing_parts  # noqa: E402
 
 

@@ -11,7 +11,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from nemo_controlnet.data.synthetic import circle_params, render, write_shapes_dataset
+from nemo_controlnet.prep.synthetic import circle_params, render, write_shapes_dataset
 from nemo_controlnet.data.transforms import ResizeCrop, normalize_batch, normalize_hint, prepare_hint
 from nemo_controlnet.data.webdataset import EpochStream, SampleDecoder, batches, epoch_pipeline, expand_shards
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from tests.conftest import compose_train
 from nemo_controlnet.data.datamodule import make_decoder
-from nemo_controlnet.data.prep import run_prep
+from nemo_controlnet.prep.job import run_prep
 from nemo_controlnet.data.transforms import ResizeCrop, normalize_batch
 from nemo_controlnet.data.webdataset import collate
 from nemo_controlnet.training.module import ControlNetModule

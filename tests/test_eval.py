@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from nemo_controlnet.data.synthetic import circle_params, render
+from nemo_controlnet.prep.synthetic import circle_params, render
 from nemo_controlnet.eval.metrics import (
     canny_edges,
     edge_f1,

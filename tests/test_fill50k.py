@@ -4,7 +4,7 @@ margin on the shapes' ground truth (the full recipe's numbers are in examples/fi
 
 from hydra import compose, initialize_config_module
 
-from nemo_controlnet.data.synthetic import write_shapes_dataset
+from nemo_controlnet.prep.synthetic import write_shapes_dataset
 from nemo_controlnet.eval.evaluate import evaluate
 from nemo_controlnet.training.run import train
 from tests.conftest import compose_train

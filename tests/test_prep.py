@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from nemo_controlnet.data.hints import Canny
-from nemo_controlnet.data.prep import resolve_task, run_prep, task_units
+from nemo_controlnet.prep.job import run_prep
+from nemo_controlnet.prep.shards import resolve_task, task_units
 
 REPO = Path(__file__).resolve().parents[1]
 

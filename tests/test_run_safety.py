@@ -21,7 +21,7 @@ from nemo_controlnet.data.datamodule import worker_init
 from nemo_controlnet.inference.generate import load_sampler
 from nemo_controlnet.io import ChecksumMismatch, DirectoryBusy, NoSpaceError, atomic_path, current_umask
 from nemo_controlnet.models.formats import export_controlnet, export_original_controlnet, load_original_controlnet
-from nemo_controlnet.data.prep import run_prep
+from nemo_controlnet.prep.job import run_prep
 from nemo_controlnet.models.stack import build_stack
 from nemo_controlnet.training.checkpoint import UnsafeCheckpoint, latest_checkpoint, list_checkpoints
 from nemo_controlnet.training.perf import configure_threads

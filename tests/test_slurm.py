@@ -19,7 +19,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from nemo_controlnet.data.shards import shard_name
+from nemo_controlnet.prep.shards import shard_name
 from nemo_controlnet.training.checkpoint import list_checkpoints
 from nemo_controlnet.training.run import train
 

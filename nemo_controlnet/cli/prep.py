@@ -8,7 +8,7 @@ from nemo_controlnet.cli import CONFIG_PATH, VERSION_BASE, entry_point, user_err
 
 @hydra.main(config_path=CONFIG_PATH, config_name="prep", version_base=VERSION_BASE)
 def task(cfg: DictConfig) -> None:
-    from nemo_controlnet.data.prep import run_prep
+    from nemo_controlnet.prep.job import run_prep
 
     with user_errors():
         run_prep(cfg)

@@ -8,7 +8,7 @@ from nemo_controlnet.cli import CONFIG_PATH, VERSION_BASE, entry_point, user_err
 
 @hydra.main(config_path=CONFIG_PATH, config_name="synth", version_base=VERSION_BASE)
 def task(cfg: DictConfig) -> None:
-    from nemo_controlnet.data.synthetic import write_shapes_dataset
+    from nemo_controlnet.prep.synthetic import write_shapes_dataset
 
     with user_errors():
         write_shapes_dataset(**OmegaConf.to_container(cfg.dataset, resolve=True))

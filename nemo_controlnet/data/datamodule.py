@@ -40,7 +40,7 @@ def make_decoder(
     cached: bool = False,
 ) -> SampleDecoder:
     """The decoder a data config describes; ``augment=False`` for validation (center crop, no flip);
-    ``cached`` for shards with cached latents (``data.encode.cached_encoding`` checked them)."""
+    ``cached`` for shards with cached latents (``data.cached.cached_encoding`` checked them)."""
     hint_cfg = data_cfg.get("hint") or {}
     on_the_fly = bool(hint_cfg.get("on_the_fly", False))
     folder = data_cfg.get("folder")

@@ -7,8 +7,7 @@ import logging
 from pathlib import Path
 from typing import Iterator
 
-from nemo_controlnet.data.prep import precomputed_hint_path
-from nemo_controlnet.data.sources import ImageFolder
+from nemo_controlnet.data.layout import find_images, precomputed_hint_path
 from nemo_controlnet.data.webdataset import assigned
 
 log = logging.getLogger(__name__)
@@ -24,7 +23,9 @@ class FolderSource:
     def __init__(self, root: str, hints_dir: str | None = None, suffix: str = "canny", on_the_fly: bool = False):
         self.root = Path(root)
         self.hints_dir = Path(hints_dir) if hints_dir else self.root / suffix
-        paths = ImageFolder(str(self.root), caption="", exclude_dirs=(self.hints_dir.name,)).image_paths()
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"data.folder.root: no directory {self.root}")
+        paths = find_images(self.root, (self.hints_dir.name,))
         self.items = [(p, precomputed_hint_path(self.hints_dir, p.relative_to(self.root), suffix)) for p in paths]
         if not self.items:
             raise FileNotFoundError(f"data.folder.root: no images under {self.root}")

@@ -33,6 +33,7 @@ from webdataset.filters import _shuffle
 from webdataset.utils import pytorch_worker_info
 
 from nemo_controlnet.data.decode import BadSample, decode_caption, load_hint, load_image, open_image, read_npy
+from nemo_controlnet.data.layout import LATENT_MEMBER, MANIFEST, POOLED_MEMBER, SDXL_META, TEXT_MEMBER
 from nemo_controlnet.data.tarshards import shard_samples
 from nemo_controlnet.data.transforms import ResizeCrop, to_uint8_chw
 
@@ -54,7 +55,7 @@ def expand_shards(spec: str | Iterable[str]) -> list[str]:
             if not found:
                 raise FileNotFoundError(f"data.shards: no *.tar shards in directory {path}")
             urls += found
-        elif path.name == "manifest.json" and path.is_file():
+        elif path.name == MANIFEST and path.is_file():
             manifest = json.loads(path.read_text())
             urls += [str(path.parent / s["name"]) for s in manifest["shards"]]
         else:
@@ -146,18 +147,18 @@ class SampleDecoder:
         if hint.size != (self.resolution, self.resolution):
             raise BadSample("size_mismatch", f"hint {hint.size} is not {self.resolution}px square")
         meta = json.loads(sample["json"]) if sample.get("json") else {}
-        sdxl = meta.get("sdxl") or {}
+        sdxl = meta.get(SDXL_META) or {}
         out = {
-            "latent_dist": torch.from_numpy(read_npy(sample.get("latent.npy"), "latent")),
-            "text_embeds": torch.from_numpy(read_npy(sample.get("text.npy"), "text_embeds")),
+            "latent_dist": torch.from_numpy(read_npy(sample.get(LATENT_MEMBER), "latent")),
+            "text_embeds": torch.from_numpy(read_npy(sample.get(TEXT_MEMBER), "text_embeds")),
             self.control_key: to_uint8_chw(hint, self.hint_channels),
             "caption": self.caption(sample, f"{sample.get('__url__', '?')}:{key}"),
             "key": key,
             "original_size": torch.tensor(sdxl.get("original_size", (self.resolution, self.resolution))),
             "crop_top_left": torch.tensor(sdxl.get("crop_top_left", (0, 0))),
         }
-        if "pooled.npy" in sample:
-            out["pooled_text_embeds"] = torch.from_numpy(read_npy(sample["pooled.npy"], "pooled"))
+        if POOLED_MEMBER in sample:
+            out["pooled_text_embeds"] = torch.from_numpy(read_npy(sample[POOLED_MEMBER], "pooled"))
         return out
 
     def __call__(self, sample: dict) -> dict:

@@ -69,7 +69,7 @@ def edge_ssim(hint: np.ndarray, edges: np.ndarray) -> dict[str, float | None]:
 
 
 def disk_mask(params: dict, size: int) -> np.ndarray:
-    """The true disk of a shapes sample (``data/synthetic.py`` parameters) at ``size`` px."""
+    """The true disk of a shapes sample (``prep/synthetic.py`` parameters) at ``size`` px."""
     scale = size / params["resolution"]
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
     # cv2 draws a radius-r disk over pixels whose centres lie within r + 1/2 of the centre pixel's

@@ -21,8 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from nemo_controlnet import __version__
 from nemo_controlnet.config import validate_train_config
 from nemo_controlnet.data.datamodule import ShardDataModule, validation_samples
-from nemo_controlnet.data.encode import cached_encoding, check_encoder
-from nemo_controlnet.data.synthetic import write_shapes_dataset
+from nemo_controlnet.data.cached import cached_encoding, check_encoder
+from nemo_controlnet.prep.synthetic import write_shapes_dataset
 from nemo_controlnet.io import CHECKSUM_SUFFIX, DirectoryLock, atomic_path, sweep_stale_temps
 from nemo_controlnet.inference.pipeline import controlnet_pipeline
 from nemo_controlnet.models.adapters import check_adapter_run, save_lora

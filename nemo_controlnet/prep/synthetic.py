@@ -18,6 +18,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from nemo_controlnet.data.layout import MANIFEST
 from nemo_controlnet.io import atomic_path, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,6 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "gray": (128, 128, 128),
     "brown": (120, 70, 20),
 }
-MANIFEST = "manifest.json"
 
 
 def circle_params(seed: int, index: int, resolution: int) -> dict:

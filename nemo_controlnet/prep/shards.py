@@ -47,7 +47,7 @@ def check_params(out_dir: Path, params: dict, overwrite: bool) -> None:
     """One output directory, one set of parameters: a re-run with others must say overwrite=true."""
     path = out_dir / STATE_DIR / "params.json"
     if path.is_file() and not overwrite:
-        old = json.loads(path.read_text())
+        old = _renamed_targets(json.loads(path.read_text()))
         if old != params:
             changed = sorted(k for k in set(old) | set(params) if old.get(k) != params.get(k))
             raise ValueError(
@@ -55,6 +55,19 @@ def check_params(out_dir: Path, params: dict, overwrite: bool) -> None:
                 "use another out_dir, or overwrite=true to redo it"
             )
     write_json_atomic(path, params)
+
+
+# Sources lived in nemo_controlnet.data.sources before prep/ was split from data/: an output begun
+# then resumes under the same parameters.
+_MOVED = {"nemo_controlnet.data.sources.": "nemo_controlnet.prep.sources."}
+
+
+def _renamed_targets(params: dict) -> dict:
+    target = (params.get("source") or {}).get("_target_", "")
+    for old, new in _MOVED.items():
+        if target.startswith(old):
+            params["source"]["_target_"] = new + target[len(old):]
+    return params
 
 
 def write_manifest(out_dir: Path, params: dict, num_units: int, prefix: str) -> dict:

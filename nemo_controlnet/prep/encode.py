@@ -33,23 +33,23 @@ import webdataset as wds
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
-from tqdm import tqdm
 
 from nemo_controlnet import __version__
 from nemo_controlnet.data.decode import BadSample, decode_caption, load_hint, load_image, open_image
-from nemo_controlnet.data.shards import STATE_DIR, check_params, is_complete, resolve_task, shard_name, stats_path
-from nemo_controlnet.data.shards import encode as encode_image
-from nemo_controlnet.data.shards import task_units, write_manifest, write_stats
+from nemo_controlnet.data.layout import LATENT_MEMBER, MANIFEST, POOLED_MEMBER, SDXL_META, TEXT_MEMBER
 from nemo_controlnet.data.tarshards import shard_samples
 from nemo_controlnet.data.transforms import ResizeCrop, normalize_image, to_uint8_chw
 from nemo_controlnet.data.webdataset import SkipCounter, expand_shards
 from nemo_controlnet.io import atomic_path, write_json_atomic
 from nemo_controlnet.models.stack import build_stack, compute_dtype, encoder_fingerprint, freeze
+from nemo_controlnet.prep.progress import JobControl
+from nemo_controlnet.prep.shards import STATE_DIR, check_params, is_complete, resolve_task, shard_name, stats_path
+from nemo_controlnet.prep.shards import encode as encode_image
+from nemo_controlnet.prep.shards import task_units, write_manifest, write_stats
 
 log = logging.getLogger(__name__)
 
-LATENT, TEXT, POOLED = "latent.npy", "text.npy", "pooled.npy"
-SDXL = "sdxl"
+LATENT, TEXT, POOLED, SDXL = LATENT_MEMBER, TEXT_MEMBER, POOLED_MEMBER, SDXL_META
 
 
 def crop_sample(sample: dict, cfg: DictConfig, hint_fn) -> dict:
@@ -172,7 +172,7 @@ def encode_params(cfg: DictConfig, urls: list[str], fingerprint: str) -> dict:
     }
 
 
-def encode_shards(cfg: DictConfig) -> dict:
+def encode_shards(cfg: DictConfig, job: JobControl) -> dict:
     if not cfg.get("model"):
         raise ValueError("mode=encode needs model=<the base you will train over> (e.g. model=sd15)")
     if not cfg.encode.get("input"):
@@ -201,80 +201,20 @@ def encode_shards(cfg: DictConfig) -> dict:
              len(urls), len(todo), device, encoder.dtype, encoder.fingerprint)  # fmt: skip
     hint_fn = instantiate(cfg.hint)
     start, written, skipped = time.time(), 0, Counter()
-    bar = tqdm(todo, desc=f"encode {out_dir}", unit="shard")
-    for i in bar:
+    job.report("encode", 0, len(todo), 0, None, 0, 0)
+    for done, i in enumerate(todo, start=1):
         stats = encode_shard(i, urls[i], cfg, encoder, hint_fn, out_dir)
         written += stats["num_samples"]
         skipped.update(stats["skipped"])
-        bar.set_postfix(samples=written, skipped=sum(skipped.values()),
-                        rate=f"{written / max(time.time() - start, 1e-9):.1f}/s")  # fmt: skip
+        n_skipped = sum(skipped.values())
+        job.report("encode", done, len(todo), written + n_skipped, None, written, n_skipped)
+        if job.cancelled():  # between shards: each written whole or not at all
+            break
     seconds = time.time() - start
     log.info("encode: %d written, %d skipped %s, %.1fs (%.1f samples/s)",
              written, sum(skipped.values()), dict(skipped), seconds, written / max(seconds, 1e-9))  # fmt: skip
     summary = {"written": written, "skipped": dict(skipped), "seconds": round(seconds, 3)}
     if num_tasks == 1:
         manifest = write_manifest(out_dir, params, len(urls), cfg.prefix)
-        summary.update(manifest=str(out_dir / "manifest.json"), complete=manifest["complete"])
+        summary.update(manifest=str(out_dir / MANIFEST), complete=manifest["complete"])
     return summary
-
-
-def manifest_of(spec) -> Path | None:
-    """The manifest.json that describes a shard spec (a manifest, a directory, or shards in one)."""
-    specs = [spec] if isinstance(spec, str) else list(spec)
-    path = Path(str(specs[0]))
-    if path.name == "manifest.json":
-        return path if path.is_file() else None
-    folder = path if path.is_dir() else Path(expand_shards(str(specs[0]))[0]).parent
-    return folder / "manifest.json" if (folder / "manifest.json").is_file() else None
-
-
-def cached_encoding(data_cfg: DictConfig) -> dict | None:
-    """``params.encoded`` of the training shards' manifests, after checking that the data config can
-    use them: every source cached (or none), the same encoders, the same resolution, no random
-    geometry and no hint regeneration. None when the shards carry no cached encodings."""
-    if data_cfg.get("folder"):
-        return None
-    specs = [d.shards for d in data_cfg.datasets] if data_cfg.get("datasets") else [data_cfg.shards]
-    found = []
-    for spec in specs:
-        spec = OmegaConf.to_container(spec) if OmegaConf.is_config(spec) else spec
-        path = manifest_of(spec)
-        encoded = json.loads(path.read_text())["params"].get("encoded") if path else None
-        found.append((path, encoded))
-    cached = [(p, e) for p, e in found if e]
-    if not cached:
-        return None
-    if len(cached) != len(found):
-        raise ValueError("data.datasets: some sources carry cached latents (controlnet-prep mode=encode) and some "
-                         "do not; encode them all with the same model, or none")  # fmt: skip
-    (first_path, encoded), *rest = cached
-    for path, other in rest:
-        if other["fingerprint"] != encoded["fingerprint"] or other["resolution"] != encoded["resolution"]:
-            raise ValueError(f"{path} and {first_path} were encoded by different models or at different "
-                             "resolutions; encode every source with the same model and resolution")  # fmt: skip
-    aug = data_cfg.get("augment") or {}
-    if aug.get("crop", "center") != "center" or float(aug.get("hflip", 0.0)) > 0:
-        raise ValueError(
-            f"data.augment.crop={aug.get('crop')}, data.augment.hflip={aug.get('hflip')}: {first_path} holds cached "
-            "latents of one center crop; a random crop or flip would move the hint but not the latent. Use "
-            "crop=center hflip=0 with these shards, or train on the unencoded shards to augment"
-        )
-    if (data_cfg.get("hint") or {}).get("on_the_fly"):
-        raise ValueError(f"data.hint.on_the_fly=true: {first_path} carries hints cropped with its latents; "
-                         "set data.hint.on_the_fly=false")  # fmt: skip
-    if int(data_cfg.resolution) != int(encoded["resolution"]):
-        raise ValueError(
-            f"data.resolution={data_cfg.resolution}, but {first_path} holds latents encoded at "
-            f"{encoded['resolution']} px: set data.resolution={encoded['resolution']} or re-encode"
-        )
-    return {**encoded, "manifest": str(first_path)}
-
-
-def check_encoder(encoded: dict, fingerprint: str) -> None:
-    """Cached latents and text embeddings must come from the base the ControlNet trains over."""
-    if encoded["fingerprint"] != fingerprint:
-        raise ValueError(
-            f"{encoded['manifest']}: latents and text embeddings were encoded by a base with encoder fingerprint "
-            f"{encoded['fingerprint']}, but this model config builds {fingerprint}; re-encode with "
-            "controlnet-prep mode=encode and the training model config, or train on the unencoded shards"
-        )

@@ -17,11 +17,11 @@ from typing import Iterator
 
 
 from nemo_controlnet.data.decode import BadSample
+from nemo_controlnet.data.layout import find_images
 from nemo_controlnet.data.tarshards import ShardReadError, shard_samples
+from nemo_controlnet.data.webdataset import expand_shards
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 
 
 @dataclass
@@ -113,11 +113,7 @@ class ImageFolder(RecordSource):
         return f"ImageFolder({self.root})"
 
     def image_paths(self) -> list[Path]:
-        found = []
-        for dirpath, dirnames, filenames in os.walk(self.root):
-            dirnames[:] = sorted(d for d in dirnames if d not in self.exclude_dirs and not d.startswith("."))
-            found += [Path(dirpath) / f for f in filenames if f.lower().endswith(IMAGE_EXTENSIONS)]
-        return sorted(found)
+        return find_images(self.root, self.exclude_dirs)
 
     def records(self) -> list[Record]:
         out = []
@@ -200,8 +196,6 @@ class ExistingShards:
     caption_required = False
 
     def __init__(self, shards, image_key: str = "jpg", caption_key: str = "txt"):
-        from nemo_controlnet.data.webdataset import expand_shards
-
         self.urls = expand_shards(shards)
         self.image_key, self.caption_key = image_key, caption_key
 
