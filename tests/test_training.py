@@ -372,7 +372,7 @@ def test_v_prediction_loss_uses_the_velocity_target():
 def test_validation_keeps_train_mode_and_rng(train_cfg):
     cfg = train_cfg("trainer.max_steps=1")
     _, module = train(cfg)
-    from nemo_controlnet.training.callbacks import ValidationImages
+    from nemo_controlnet.training.validation import ValidationImages
 
     prompts, hints, _ = validation_samples(cfg.validation, cfg.data, 3)
     callback = ValidationImages(Path(cfg.run_dir) / "val-test", prompts, hints, every_n_steps=1, num_inference_steps=2)

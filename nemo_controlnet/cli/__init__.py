@@ -7,6 +7,8 @@ parser before Hydra runs (a grammar error names its argument and the quoting tha
 full disk) into one line on stderr, exit 1; ``OutputDirCheck`` (a Hydra callback in the configs) names
 the key of an output directory that cannot be created before Hydra tries to create it. With
 ``--verbose`` or ``HYDRA_FULL_ERROR=1`` (Hydra's own switch) the full traceback is shown instead.
+``entry_point`` also silences the dependencies' known start-up notices (notices.py), and ``--help`` lists
+the config groups of the command only (``command_help``, set as hydra.help.template in each command's config).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, Callable, Iterator
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from nemo_controlnet import notices
 from nemo_controlnet.config import ConfigError, output_dir_problem
 from nemo_controlnet.io import UserError
 
@@ -47,6 +50,49 @@ def rank_suffix() -> str:
 
 
 OmegaConf.register_new_resolver("rank_suffix", rank_suffix, replace=True)  # conf/train.yaml: the log file
+
+# Hydra's default help (hydra/conf/hydra/help/default.yaml) with the command's own groups where it has
+# $APP_CONFIG_GROUPS, which lists every group under conf/: prep's under train, and the partials.
+HELP_TEMPLATE = """{header}
+{groups}== Config ==
+Override anything in the config (foo.bar=value)
+
+$CONFIG
+
+{footer}"""
+GROUPS_SECTION = """== Configuration groups ==
+Compose your configuration from those groups (group=option; +group=option for a group marked +)
+
+{lines}
+
+"""
+# Options that only other options of their group build on, not choices. A leading "_" says so
+# (data/_common.yaml); model/options.yaml predates that convention.
+PARTIALS = {"model/options"}
+
+
+def group_options(group: str) -> list[str]:
+    """The options a user can pick in ``group`` (conf/ and Hydra's plugins), partials left out."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.object_type import ObjectType
+
+    if not GlobalHydra.instance().is_initialized():
+        return []
+    options = GlobalHydra.instance().config_loader().get_group_options(group, ObjectType.CONFIG)
+    return sorted(o for o in options if not o.startswith("_") and f"{group}/{o}" not in PARTIALS)
+
+
+def command_help(*groups: str, _root_: DictConfig) -> str:
+    """``hydra.help.template`` for a command that uses ``groups`` (``${command_help:model,data}`` in
+    its config): Hydra's help, listing those groups only; a group outside the command's defaults list
+    is marked +, as Hydra wants it added (+experiment=...). $CONFIG is left for Hydra to fill."""
+    choices = OmegaConf.select(_root_, "hydra.runtime.choices", default=None) or {}
+    lines = [f"{'' if group in choices else '+'}{group}: {', '.join(group_options(group))}" for group in groups]
+    section = GROUPS_SECTION.format(lines="\n".join(lines)) if groups else ""
+    return HELP_TEMPLATE.format(header=_root_.hydra.help.header, groups=section, footer=_root_.hydra.help.footer)
+
+
+OmegaConf.register_new_resolver("command_help", command_help, replace=True)  # conf/*.yaml: hydra.help.template
 
 
 def verbose() -> bool:
@@ -162,6 +208,7 @@ def entry_point(hydra_main: Callable[[], Any], prog: str) -> Callable[[], None]:
     def main() -> None:
         global _prog
         _prog = prog
+        notices.install()
         if VERBOSE_FLAG in sys.argv[1:]:
             sys.argv[1:] = [a for a in sys.argv[1:] if a != VERBOSE_FLAG]
             os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra's own switch: full tracebacks, here and in children

@@ -1,0 +1,1 @@
+"""Online loading: shards (or a folder) -> decoded, augmented, batched samples; nothing here writes data."""

@@ -1,0 +1,1 @@
+"""Evaluation: hint-following metrics and the controlnet-eval command."""

@@ -1,4 +1,4 @@
-"""A diffusers ControlNet pipeline over our modules (no copies), and sampling with it."""
+"""Sampling with a family's diffusers pipeline: hints in the training range, seeds per sample, grids."""
 
 from __future__ import annotations
 
@@ -6,38 +6,10 @@ import contextlib
 
 import numpy as np
 import torch
-from diffusers import (
-    DDIMScheduler,
-    StableDiffusionControlNetPipeline,
-    StableDiffusionPipeline,
-    StableDiffusionXLControlNetPipeline,
-    StableDiffusionXLPipeline,
-    UniPCMultistepScheduler,
-)
 
-SAMPLERS = {"unipc": UniPCMultistepScheduler, "ddim": DDIMScheduler}
+from nemo_controlnet.models.families.sd_unet import SAMPLERS, controlnet_pipeline
 
-
-def controlnet_pipeline(
-    unet, controlnet, vae, text_encoder, tokenizer, scheduler_config, sampler: str = "unipc",
-    text_encoder_2=None, tokenizer_2=None,
-):  # fmt: skip
-    """diffusers' ControlNet pipeline over these modules: the SDXL one when there is a second text
-    encoder; without a ControlNet (base training), the text-to-image pipeline."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler={sampler!r}: choose one of {sorted(SAMPLERS)}")
-    common = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                  scheduler=SAMPLERS[sampler].from_config(scheduler_config))  # fmt: skip
-    if controlnet is not None:
-        common["controlnet"] = controlnet
-    if text_encoder_2 is not None:
-        cls = StableDiffusionXLControlNetPipeline if controlnet is not None else StableDiffusionXLPipeline
-        pipe = cls(**common, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, add_watermarker=False)
-    else:
-        cls = StableDiffusionControlNetPipeline if controlnet is not None else StableDiffusionPipeline
-        pipe = cls(**common, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+__all__ = ["SAMPLERS", "controlnet_pipeline", "grid", "hint_to_uint8", "sample"]  # the pipeline: the SD UNet family's
 
 
 @torch.no_grad()

@@ -1,0 +1,1 @@
+"""Models: the model families, the locked stack, ControlNets, adapters, and weights on disk."""

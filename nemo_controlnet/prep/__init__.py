@@ -1,0 +1,1 @@
+"""Offline data work: sources -> shards + manifest (hints, cached encodings, synthetic data), as a job."""

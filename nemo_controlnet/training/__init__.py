@@ -1,0 +1,1 @@
+"""Training: the mode-agnostic LightningModule, the training modes, callbacks and the run."""

@@ -14,7 +14,6 @@ import logging
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
-from nemo_controlnet.models.controlnet import set_only_mid_control
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +45,7 @@ def configure_fsdp(strategy, module) -> None:
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     controlnet = module.controlnet
-    units = {type(controlnet), *(type(b) for b in controlnet.down_blocks), type(controlnet.mid_block)}
+    units = module.family.fsdp_unit_types(controlnet)
     strategy.kwargs.setdefault("ignored_modules", module.locked_modules())
     strategy.kwargs.setdefault("auto_wrap_policy", ModuleWrapPolicy(units))
     log.info("FSDP: sharding the ControlNet in units %s; locked parts ignored (replicated)",
@@ -82,5 +81,5 @@ def full_controlnet(trainer, module, everywhere: bool = False) -> torch.nn.Modul
     plain = type(inner).from_config(inner.config)
     prefix = "controlnet."
     plain.load_state_dict({clean_name(k)[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
-    set_only_mid_control(plain, bool(module.model_cfg.only_mid_control))
+    module.family.configure_controlnet(plain, module.model_cfg)
     return plain.to(module.device)

@@ -50,7 +50,7 @@ def apply_performance(module, perf: DictConfig, device_type: str) -> dict:
         applied["checkpointed_controlnet_blocks"] = checkpoint_blocks([module.controlnet])
     if ckpt.get("unet_decoder"):
         # The decoder keeps activations even when locked: the residuals' gradients flow through it.
-        applied["checkpointed_unet_decoder_blocks"] = checkpoint_blocks(module.unet.up_blocks)
+        applied["checkpointed_unet_decoder_blocks"] = checkpoint_blocks(module.family.decoder_blocks(module))
     if resolve(perf.get("channels_last", "auto"), device_type):
         for name in ("controlnet", "unet", "vae"):
             if getattr(module, name) is not None:

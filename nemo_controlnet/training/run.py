@@ -23,22 +23,21 @@ from nemo_controlnet.config import validate_train_config
 from nemo_controlnet.data.datamodule import ShardDataModule, validation_samples
 from nemo_controlnet.data.cached import cached_encoding, check_encoder
 from nemo_controlnet.prep.synthetic import write_shapes_dataset
+from nemo_controlnet.notices import drop_duplicate_lightning_console
 from nemo_controlnet.io import CHECKSUM_SUFFIX, DirectoryLock, atomic_path, sweep_stale_temps
-from nemo_controlnet.inference.pipeline import controlnet_pipeline
-from nemo_controlnet.models.adapters import check_adapter_run, save_lora
-from nemo_controlnet.models.formats import export_base, export_controlnet, export_original_controlnet
+from nemo_controlnet.models.adapters import check_adapter_run
 from nemo_controlnet.training.callbacks import (
     Preemption,
     StepCheckpoint,
     StepMetrics,
     StepProgressBar,
     Throughput,
-    ValidationImages,
 )
 from nemo_controlnet.training.distributed import configure_fsdp, full_controlnet, is_fsdp
 from nemo_controlnet.training.checkpoint import AtomicCheckpointIO, latest_checkpoint, list_checkpoints
 from nemo_controlnet.training.module import ControlNetModule
 from nemo_controlnet.training.perf import apply_performance, configure_threads
+from nemo_controlnet.training.validation import ValidationImages
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +83,10 @@ def slurm_plugins() -> list:
 
 
 def check_resolution(module: ControlNetModule, resolution: int) -> None:
-    """The latent grid must halve cleanly through every UNet down block."""
-    vae_factor = 2 ** (len(module.vae.config.block_out_channels) - 1)
-    unet_factor = 2 ** (len(module.unet.config.block_out_channels) - 1)
-    if resolution % (vae_factor * unet_factor):
-        raise ValueError(
-            f"data.resolution={resolution} must be a multiple of {vae_factor * unet_factor} "
-            f"(VAE x{vae_factor}, UNet x{unet_factor})"
-        )
+    multiple = module.family.resolution_multiple(module)
+    if resolution % multiple:
+        raise ValueError(f"data.resolution={resolution} must be a multiple of {multiple} (the latent grid must "
+                         f"halve cleanly through every block of the {module.family.name} base)")  # fmt: skip
 
 
 def export_metadata(cfg: DictConfig, module: ControlNetModule, step: int) -> dict:
@@ -118,9 +113,9 @@ def export_run(
     controlnet: torch.nn.Module | None = None,
     metrics: dict | None = None,
 ) -> Path:
-    """run_dir/controlnet (diffusers, with model card and the newest validation grid) and, with
-    ``export.original``, run_dir/control_<run name>.safetensors for A1111 and ComfyUI.
-    ``controlnet``: the whole ControlNet when the module's is sharded (``full_controlnet``);
+    """What the run's mode exports (ControlNet: run_dir/controlnet and the original single file; base:
+    run_dir/base; adapter: run_dir/lora), with the run's metadata. ``controlnet``: the whole
+    ControlNet when the module's is sharded (``full_controlnet``);
     ``metrics``: the last validation's scores, for the model card."""
     metadata = export_metadata(cfg, module, step)
     if metrics:
@@ -128,41 +123,7 @@ def export_run(
     elif (run_dir / "samples" / "metrics.jsonl").is_file():  # re-export: the newest recorded
         lines = (run_dir / "samples" / "metrics.jsonl").read_text().splitlines()
         metadata["validation_metrics"] = json.loads(lines[-1]) if lines else {}
-    if module.adapter_cfg:  # adapter mode: the LoRA (diffusers format) is the result
-        opts = module.controlnet_opts
-        metadata["adapter"] = OmegaConf.to_container(module.adapter_cfg, resolve=True)
-        metadata["controlnet"] = {
-            "name_or_path": opts.get("name_or_path"), "finetuned": module.controlnet_trains,
-            "offload_strategy": opts.get("offload_strategy"), "residual_storage": opts.get("residual_storage"),
-            "hint": {k: opts.get(k) for k in ("type", "canny_threshold1", "canny_threshold2", "blur", "control_size")},
-        }  # fmt: skip
-        out = run_dir / "lora"
-        save_lora(module.unet, out, metadata)
-        if module.controlnet_trains and module.controlnet is not None:
-            export_controlnet(module.controlnet if controlnet is None else controlnet, run_dir / "controlnet", metadata)
-        log.info("exported the %s adapter to %s", module.adapter_cfg.type, out)
-        return out
-    if module.base_training:  # no ControlNet: the trained base is the result
-        pipe = controlnet_pipeline(module.unet, None, module.vae, module.text_encoder, module.tokenizer,
-                                   module.noise_scheduler.config, "ddim", module.text_encoder_2,
-                                   module.tokenizer_2)  # fmt: skip
-        pipe.scheduler = module.noise_scheduler  # the training scheduler, as a base directory carries it
-        return export_base(pipe, run_dir / "base", metadata)
-    controlnet = module.controlnet if controlnet is None else controlnet
-    unet = None if module.sd_locked else module.unet
-    grids = sorted((run_dir / "samples").glob("step_*.png"))
-    out = export_controlnet(
-        controlnet, run_dir / "controlnet", metadata, unet=unet,
-        grid=grids[-1] if grids else None,
-    )  # fmt: skip
-    if cfg.export.get("original"):
-        try:
-            export_original_controlnet(
-                controlnet, run_dir / f"control_{run_dir.resolve().name}.safetensors", cfg.export.dtype
-            )
-        except ValueError as e:  # the diffusers export above is written; do not fail the run here
-            log.error("original-format export skipped: %s", e)
-    return out
+    return module.training_mode.export(module, run_dir, metadata, cfg.export, controlnet)
 
 
 def take_run_dir(run_dir: Path, stack: ExitStack) -> None:
@@ -182,6 +143,7 @@ def take_run_dir(run_dir: Path, stack: ExitStack) -> None:
 
 def train(cfg: DictConfig) -> tuple[L.Trainer, ControlNetModule]:
     OmegaConf.resolve(cfg)  # sub-configs go on alone (model, data): their cross-references resolved here
+    drop_duplicate_lightning_console()
     validate_train_config(cfg)
     check_adapter_run(cfg, cuda=torch.cuda.is_available() and cfg.trainer.accelerator != "cpu")
     run_dir = Path(cfg.run_dir)
@@ -223,7 +185,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, ControlNetModule]
 
     L.seed_everything(cfg.seed, workers=True)
     module = ControlNetModule(cfg.model, cfg.optim, cfg.trainer.precision, seed=int(cfg.seed),
-                              adapter_cfg=cfg.get("adapter"), controlnet_cfg=cfg.get("controlnet"))  # fmt: skip
+                              adapter_cfg=cfg.get("adapter"), controlnet_cfg=cfg.get("controlnet"),
+                              mode=cfg.get("training_mode"))  # fmt: skip
     check_resolution(module, int(cfg.data.resolution))
     if encoded:
         check_encoder(encoded, module.encoder_fingerprint)
@@ -312,7 +275,7 @@ def export_checkpoint(
     if path is None or not path.is_file():
         raise FileNotFoundError(f"no checkpoint to export in {run_dir / 'checkpoints'}")
     module = ControlNetModule(cfg.model, cfg.optim, cfg.trainer.precision, adapter_cfg=cfg.get("adapter"),
-                              controlnet_cfg=cfg.get("controlnet"))  # fmt: skip
+                              controlnet_cfg=cfg.get("controlnet"), mode=cfg.get("training_mode"))  # fmt: skip
     state = AtomicCheckpointIO().load_checkpoint(path)
     module.on_load_checkpoint(state)
     module.load_state_dict(state["state_dict"], strict=False)
