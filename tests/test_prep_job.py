@@ -102,3 +102,18 @@ def test_an_output_begun_before_prep_moved_out_of_data_resumes(tmp_path):
     assert PrepJob(prep_cfg(*args)).run()["complete"]
     with pytest.raises(ValueError, match="mode='bogus'"):
         PrepJob(prep_cfg(*args, "mode=bogus"))
+
+
+def test_a_cancelled_encode_keeps_no_partial_shard_and_resumes(tmp_path):
+    from tests.test_encode import write_wide_shards
+
+    inp = write_wide_shards(tmp_path / "in", num_shards=2, per_shard=5)
+    args = ["mode=encode", "model=tiny", f"encode.input={inp}", f"out_dir={tmp_path / 'out'}", "resolution=64",
+            "encode.batch_size=2"]  # fmt: skip
+    job = PrepJob(prep_cfg(*args), lambda p: job.cancel())  # at once: inside the first shard, before a batch
+    summary = job.run()
+    assert summary["cancelled"] and summary["written"] == 0 and not summary["complete"]
+    out = tmp_path / "out"
+    assert not list(out.glob("*.tar")) and not [p for p in out.iterdir() if ".tmp-" in p.name]
+    resumed = PrepJob(prep_cfg(*args)).run()
+    assert resumed["complete"] and resumed["written"] == 10 and not resumed["cancelled"]

@@ -30,7 +30,7 @@ NOTICES = (
 # The groups each command's --help lists (conf/<command>.yaml: hydra.help.template); + marks a group
 # outside the command's defaults list (+experiment=...).
 HELP_GROUPS = {
-    "train": ["model", "mode", "data", "trainer", "optim", "+experiment", "hydra/launcher"],
+    "train": ["model", "training_mode", "data", "trainer", "optim", "+experiment", "hydra/launcher"],
     "prep": ["source", "hint", "model"],
     "generate": ["model", "hint"],
     "eval": ["model"],

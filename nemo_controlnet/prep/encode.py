@@ -46,6 +46,7 @@ from nemo_controlnet.prep.progress import JobControl
 from nemo_controlnet.prep.shards import STATE_DIR, check_params, is_complete, resolve_task, shard_name, stats_path
 from nemo_controlnet.prep.shards import encode as encode_image
 from nemo_controlnet.prep.shards import task_units, write_manifest, write_stats
+from nemo_controlnet.prep.writer import Cancelled
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +107,10 @@ class Encoder:
         return {k: v.float().cpu().numpy().astype(np.float16) for k, v in out.items()}
 
 
-def encode_shard(index: int, url: str, cfg: DictConfig, encoder: Encoder, hint_fn, out_dir: Path) -> dict:
-    """One input shard -> one output shard: temp file, rename, then its stats file."""
+def encode_shard(index: int, url: str, cfg: DictConfig, encoder: Encoder, hint_fn, out_dir: Path,
+                 should_stop=None) -> dict:  # fmt: skip
+    """One input shard -> one output shard: temp file, rename, then its stats file. ``should_stop`` is
+    asked before each batch: a cancelled shard is never renamed into place."""
     name = shard_name(cfg.prefix, index)
     stats_path(out_dir, name).unlink(missing_ok=True)
     start = time.time()
@@ -141,6 +144,8 @@ def encode_shard(index: int, url: str, cfg: DictConfig, encoder: Encoder, hint_f
                     counter(e if isinstance(e, BadSample) else BadSample(f"error_{type(e).__name__}", str(e)))
                     continue
                 if len(pending) == batch_size:
+                    if should_stop is not None and should_stop():
+                        raise Cancelled(name)
                     flush()
             flush()
     stats = {"name": name, "input": url, "num_samples": written, "skipped": dict(counter.counts),
@@ -203,7 +208,11 @@ def encode_shards(cfg: DictConfig, job: JobControl) -> dict:
     start, written, skipped = time.time(), 0, Counter()
     job.report("encode", 0, len(todo), 0, None, 0, 0)
     for done, i in enumerate(todo, start=1):
-        stats = encode_shard(i, urls[i], cfg, encoder, hint_fn, out_dir)
+        try:
+            stats = encode_shard(i, urls[i], cfg, encoder, hint_fn, out_dir, job.cancelled)
+        except Cancelled as e:
+            log.info("cancelled while encoding %s (not kept)", e)
+            break
         written += stats["num_samples"]
         skipped.update(stats["skipped"])
         n_skipped = sum(skipped.values())
