@@ -80,7 +80,10 @@ class ProgressBar:
         self.bar.n = p.samples_done if by_samples else p.units_done
         self.bar.set_postfix(written=p.written, skipped=p.skipped, rate=f"{p.rate:.1f}/s", refresh=False)
         self.bar.refresh()
+        if p.units_done == p.units_total:  # before the job logs its summary
+            self.close()
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
