@@ -237,7 +237,7 @@ class ControlNetModule(L.LightningModule):
         if meta.get("mode") not in (None, mode):  # (None: written before modes were recorded)
             raise RuntimeError(
                 f"checkpoint was written in mode {meta['mode']!r}, but this run trains in mode {mode!r}: "
-                f"resume with the run's own config (mode={meta['mode']}), or start over with resume=false"
+                f"resume with the run's own config (training_mode={meta['mode']}), or start over with resume=false"
             )
         if meta.get("base_fingerprint") not in (None, self.base_fingerprint):
             raise RuntimeError(
