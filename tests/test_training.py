@@ -440,7 +440,7 @@ def test_sdxl_micro_conditioning_reaches_both_networks(train_cfg):
     assert batch["original_size"].tolist() == [[64, 64], [64, 64]]  # the shapes data is 64 px: no crop room
     ehs, pooled = module.encode_prompts(batch["caption"])
     assert ehs.shape == (2, 77, 80) and pooled.shape == (2, 32)
-    added = module.micro_conditioning(batch, pooled)
+    added = module.family.micro_conditioning(module, batch, pooled)
     assert added["time_ids"].tolist() == [[64, 64, 0, 0, 64, 64]] * 2
     latents = torch.randn(2, 4, 8, 8)
     t = torch.tensor([10, 900])
@@ -536,7 +536,7 @@ def test_base_training_is_a_config_and_a_controlnet_trains_over_its_export(train
     cfg = train_cfg(*toy, "model.control_stage_config=null", f"run_dir={tmp_path / 'base'}", "export.original=false")
     start = ControlNetModule(cfg.model, cfg.optim)
     trainer, module = train(cfg)
-    assert module.controlnet is None and module.base_training and trainer.global_step == 2
+    assert module.controlnet is None and module.training_mode.name == "base" and trainer.global_step == 2
     before, after = start.unet.state_dict(), module.unet.state_dict()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the UNet trained
     for name in ("text_encoder", "vae"):

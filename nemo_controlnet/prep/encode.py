@@ -40,17 +40,15 @@ from nemo_controlnet.data.layout import LATENT_MEMBER, MANIFEST, POOLED_MEMBER, 
 from nemo_controlnet.data.tarshards import shard_samples
 from nemo_controlnet.data.transforms import ResizeCrop, normalize_image, to_uint8_chw
 from nemo_controlnet.data.webdataset import SkipCounter, expand_shards
-from nemo_controlnet.io import atomic_path, write_json_atomic
+from nemo_controlnet.io import atomic_path
 from nemo_controlnet.models.stack import build_stack, compute_dtype, encoder_fingerprint, freeze
 from nemo_controlnet.prep.progress import JobControl
-from nemo_controlnet.prep.shards import STATE_DIR, check_params, is_complete, resolve_task, shard_name, stats_path
+from nemo_controlnet.prep.shards import check_params, plan_units, resolve_task, shard_name, stats_path
 from nemo_controlnet.prep.shards import encode as encode_image
-from nemo_controlnet.prep.shards import task_units, write_manifest, write_stats
+from nemo_controlnet.prep.shards import write_manifest, write_stats
 from nemo_controlnet.prep.writer import Cancelled
 
 log = logging.getLogger(__name__)
-
-LATENT, TEXT, POOLED, SDXL = LATENT_MEMBER, TEXT_MEMBER, POOLED_MEMBER, SDXL_META
 
 
 def crop_sample(sample: dict, cfg: DictConfig, hint_fn) -> dict:
@@ -69,7 +67,7 @@ def crop_sample(sample: dict, cfg: DictConfig, hint_fn) -> dict:
         hint = hint_fn(image, None, random.Random(f"{cfg.seed}-{sample['__key__']}"))[0]
     meta = json.loads(sample["json"]) if sample.get("json") else {}
     # As the online loader emits them for this shard image: (height, width) and (top, left).
-    meta[SDXL] = {"original_size": original_size, "crop_top_left": [geometry.box[1], geometry.box[0]]}
+    meta[SDXL_META] = {"original_size": original_size, "crop_top_left": [geometry.box[1], geometry.box[0]]}
     return {
         "key": sample["__key__"],
         "image": image,
@@ -101,9 +99,9 @@ class Encoder:
         pixels = normalize_image(pixels).to(self.dtype)
         latent = self.stack.vae.encode(pixels).latent_dist.parameters
         states, pooled = self.stack.encode_prompts(captions)
-        out = {LATENT: latent, TEXT: states}
+        out = {LATENT_MEMBER: latent, TEXT_MEMBER: states}
         if pooled is not None:
-            out[POOLED] = pooled
+            out[POOLED_MEMBER] = pooled
         return {k: v.float().cpu().numpy().astype(np.float16) for k, v in out.items()}
 
 
@@ -170,7 +168,7 @@ def encode_params(cfg: DictConfig, urls: list[str], fingerprint: str) -> dict:
             "resolution": int(cfg.resolution),
             "crop": "center",
             "precision": str(cfg.encode.precision),
-            "members": {"latent": LATENT, "text": TEXT, "pooled": POOLED},
+            "members": {"latent": LATENT_MEMBER, "text": TEXT_MEMBER, "pooled": POOLED_MEMBER},
             "latent": "VAE posterior parameters (mean, logvar), unscaled",
             "model": OmegaConf.to_container(cfg.model, resolve=True),
         },
@@ -195,13 +193,8 @@ def encode_shards(cfg: DictConfig, job: JobControl) -> dict:
     params = encode_params(cfg, urls, encoder.fingerprint)
     out_dir.mkdir(parents=True, exist_ok=True)
     check_params(out_dir, params, cfg.overwrite)
-    write_json_atomic(out_dir / STATE_DIR / "plan.json", {"num_units": len(urls)})
     task_index, num_tasks = resolve_task(cfg.task_index, cfg.num_tasks)
-    todo = [i for i in task_units(len(urls), task_index, num_tasks)
-            if cfg.overwrite or not is_complete(out_dir, shard_name(cfg.prefix, i))]  # fmt: skip
-    for i in todo:
-        for stale in out_dir.glob(f".{shard_name(cfg.prefix, i)}.tmp-*"):
-            stale.unlink(missing_ok=True)
+    _, todo = plan_units(out_dir, len(urls), cfg.prefix, task_index, num_tasks, cfg.overwrite)
     log.info("encode: %d input shards, %d to encode on %s in %s, encoders %s",
              len(urls), len(todo), device, encoder.dtype, encoder.fingerprint)  # fmt: skip
     hint_fn = instantiate(cfg.hint)

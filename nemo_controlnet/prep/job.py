@@ -19,23 +19,19 @@ from omegaconf import DictConfig, OmegaConf
 from nemo_controlnet import __version__
 from nemo_controlnet.config import validate_prep_config
 from nemo_controlnet.data.layout import MANIFEST
-from nemo_controlnet.io import write_json_atomic
 from nemo_controlnet.prep.progress import JobControl, ProgressBar, ProgressCallback
 from nemo_controlnet.prep.shards import (
     STATE_DIR,
     check_params,
+    plan_units,
     is_complete,
     resolve_task,
     shard_name,
-    task_units,
     write_manifest,
 )
 from nemo_controlnet.prep.writer import Cancelled, SampleProcessor, summarize, write_units
 
 log = logging.getLogger(__name__)
-
-MODES = ("shards", "merge", "precompute", "encode")
-
 
 class PrepJob(JobControl):
     """One run of ``controlnet-prep``: ``run()`` returns the summary (``cancelled: true`` when
@@ -43,13 +39,8 @@ class PrepJob(JobControl):
 
     def __init__(self, cfg: DictConfig, progress: ProgressCallback | None = None):
         super().__init__(progress)
-        validate_prep_config(cfg)  # before the model stack is imported: a bad value fails in seconds, naming its key
-        if cfg.mode not in MODES:
-            raise ValueError(f"mode={cfg.mode!r}: use one of {sorted(MODES)}")
-        if cfg.mode != "precompute" and not cfg.get("out_dir"):
-            raise ValueError(f"out_dir: required for mode={cfg.mode} (where the shards and manifest.json go)")
-        if cfg.shard_size <= 0 or cfg.workers < 0:
-            raise ValueError(f"shard_size={cfg.shard_size} must be > 0 and workers={cfg.workers} >= 0")
+        # Before the model stack is imported: a bad mode, out_dir, shard_size... fails in seconds, naming its key.
+        validate_prep_config(cfg)
         self.cfg = cfg
 
     def run(self) -> dict:
@@ -104,13 +95,8 @@ def make_shards(cfg: DictConfig, job: JobControl) -> dict:
     params = prep_params(cfg)
     check_params(out_dir, params, cfg.overwrite)
     units = source.units(cfg.shard_size)
-    write_json_atomic(out_dir / STATE_DIR / "plan.json", {"num_units": len(units)})
     task_index, num_tasks = resolve_task(cfg.task_index, cfg.num_tasks)
-    mine = task_units(len(units), task_index, num_tasks)
-    todo = [i for i in mine if cfg.overwrite or not is_complete(out_dir, shard_name(cfg.prefix, i))]
-    for i in todo:  # what a killed run was writing; only this task ever writes these units
-        for stale in out_dir.glob(f".{shard_name(cfg.prefix, i)}.tmp-*"):
-            stale.unlink(missing_ok=True)
+    mine, todo = plan_units(out_dir, len(units), cfg.prefix, task_index, num_tasks, cfg.overwrite)
     log.info(
         "task %d/%d: %d of %d shards are this task's, %d already complete, %d to write with %d worker(s)",
         task_index, num_tasks, len(mine), len(units), len(mine) - len(todo), len(todo), cfg.workers,

@@ -77,7 +77,10 @@ def precompute(cfg: DictConfig, job: JobControl) -> dict:
                 break
     finally:
         if pool is not None:  # a cancel terminates the workers: each hint is written atomically
-            pool.terminate() if job.cancelled() else pool.close()
+            if job.cancelled():
+                pool.terminate()
+            else:
+                pool.close()
             pool.join()
     summary = summarize("precompute", written, skipped, Counter(), time.time() - start)
     total = sum(1 for _ in hints_dir.rglob(f"*_{cfg.precompute.suffix}.png"))

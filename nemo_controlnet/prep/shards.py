@@ -131,3 +131,16 @@ def resolve_task(task_index: int | None, num_tasks: int | None) -> tuple[int, in
 def task_units(num_units: int, task_index: int, num_tasks: int) -> list[int]:
     """Round-robin: every unit belongs to exactly one task, and big inputs spread evenly."""
     return list(range(task_index, num_units, num_tasks))
+
+
+def plan_units(out_dir: Path, num_units: int, prefix: str, task_index: int, num_tasks: int,
+               overwrite: bool) -> tuple[list[int], list[int]]:  # fmt: skip
+    """Record the plan (``plan.json``, for merge); this task's units, and those of them still to write.
+    Temp files a killed run left for those are removed: only this task ever writes these units."""
+    write_json_atomic(out_dir / STATE_DIR / "plan.json", {"num_units": num_units})
+    mine = task_units(num_units, task_index, num_tasks)
+    todo = [i for i in mine if overwrite or not is_complete(out_dir, shard_name(prefix, i))]
+    for i in todo:
+        for stale in out_dir.glob(f".{shard_name(prefix, i)}.tmp-*"):
+            stale.unlink(missing_ok=True)
+    return mine, todo

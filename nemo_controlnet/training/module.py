@@ -68,10 +68,6 @@ class ControlNetModule(L.LightningModule):
         self.channels_last = False  # set by training.perf.apply_performance
         self.lr_scale = 1.0  # optim.scale_lr: the effective batch
 
-    @property
-    def base_training(self) -> bool:
-        return self.training_mode.name == "base"
-
     def on_fit_start(self) -> None:
         self.training_mode.on_fit_start(self)
 
@@ -86,8 +82,6 @@ class ControlNetModule(L.LightningModule):
     def train(self, mode: bool = True):
         # Lightning switches the whole module to train mode; the locked parts stay in eval.
         super().train(mode)
-        if getattr(self, "training_mode", None) is None:  # nn.Module.__init__ calls train() before there is a mode
-            return self
         for module in self.locked_modules():
             module.eval()
         self.training_mode.set_train(self, mode)
@@ -131,9 +125,6 @@ class ControlNetModule(L.LightningModule):
             text = self.text_conditioning(batch, drop_captions=False)
             cond = self.family.conditioning(self, batch, text, noisy_latents)
         return self.training_mode.control_residuals(self, batch, noisy_latents, timesteps, cond)
-
-    def micro_conditioning(self, batch: dict, pooled: torch.Tensor | None, latents: torch.Tensor | None = None):
-        return self.family.micro_conditioning(self, batch, pooled, latents)
 
     def drop_captions(self, captions: list[str]) -> list[str]:
         if self.proportion_empty_prompts <= 0:

@@ -14,88 +14,19 @@ LightningModule that holds the same parts.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-from pathlib import Path
-
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-Residuals = tuple  # a family's control residuals, as its ``denoise`` takes them
+from nemo_controlnet.models.families.base import ModelFamily, Residuals
+from nemo_controlnet.models.families.sd_unet import SDUNetFamily
 
-
-class ModelFamily(ABC):
-    name: str
-
-    @abstractmethod
-    def build_stack(self, model_cfg: DictConfig):
-        """The locked parts, from config (random init, local diffusers directories or one single file)."""
-
-    @abstractmethod
-    def make_controlnet(self, model_cfg: DictConfig, stack) -> torch.nn.Module:
-        """A ControlNet for this base: copied from it (zero convolutions zero) or a pretrained one."""
-
-    @abstractmethod
-    def decoder_modules(self, stack) -> list[torch.nn.Module]:
-        """What ``model.sd_locked=false`` unlocks in the base."""
-
-    @abstractmethod
-    def decoder_blocks(self, stack) -> list[torch.nn.Module]:
-        """The base's decoder blocks, one activation-checkpointing unit each."""
-
-    @abstractmethod
-    def fsdp_unit_types(self, controlnet) -> set[type]:
-        """The ControlNet's module types that are FSDP units (its blocks, and itself)."""
-
-    @abstractmethod
-    def configure_controlnet(self, controlnet, model_cfg: DictConfig) -> None:
-        """Options that live on the module, not its weights (re-applied to a rebuilt ControlNet)."""
-
-    @abstractmethod
-    def resolution_multiple(self, stack) -> int:
-        """Training resolutions must be multiples of this."""
-
-    @abstractmethod
-    def encode_text(self, stack, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(per-token embeddings, pooled embedding or None) for captions."""
-
-    @abstractmethod
-    def latents(self, stack, batch: dict, dtype: torch.dtype) -> torch.Tensor:
-        """The batch's latents in float32, scaled: encoded now, or sampled from a cached posterior."""
-
-    @abstractmethod
-    def conditioning(self, stack, batch: dict, text: tuple, latents: torch.Tensor) -> dict:
-        """The keyword arguments both networks take besides the noisy input (text, micro-conditioning)."""
-
-    @abstractmethod
-    def noise(self, stack, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The training objective's draw: (noisy input, timesteps, regression target)."""
-
-    @abstractmethod
-    def control_residuals(self, controlnet, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict,
-                          hint: torch.Tensor, scale: float) -> Residuals:  # fmt: skip
-        """The ControlNet's residuals for this input."""
-
-    @abstractmethod
-    def denoise(self, base, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict,
-                residuals: Residuals | None) -> torch.Tensor:  # fmt: skip
-        """The base's prediction, with the residuals added where the family adds them (None: plain)."""
-
-    @abstractmethod
-    def pipeline(self, stack, controlnet, sampler: str = "unipc"):
-        """A diffusers sampling pipeline over these modules (text-to-image without a ControlNet)."""
-
-    @abstractmethod
-    def export_original_controlnet(self, controlnet, path: Path, dtype: str = "fp16") -> Path:
-        """The ControlNet in the original single-file layout (A1111, ComfyUI)."""
+__all__ = ["ModelFamily", "Residuals", "SDUNetFamily", "family_for"]
 
 
 def family_for(model_cfg: DictConfig) -> ModelFamily:
     """``model.family`` (a ``_target_`` node); configs written before families existed are SD UNets."""
     node = model_cfg.get("family")
     if node is None:
-        from nemo_controlnet.models.families.sd_unet import SDUNetFamily
-
         return SDUNetFamily()
     family = instantiate(node)
     if not isinstance(family, ModelFamily):

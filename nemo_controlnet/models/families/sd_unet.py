@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from nemo_controlnet.models.controlnet import set_only_mid_control, unet_decoder_modules
-from nemo_controlnet.models.families import ModelFamily, Residuals
+from nemo_controlnet.models.families.base import ModelFamily, Residuals
 from nemo_controlnet.models.formats import export_original_controlnet
 from nemo_controlnet.models.stack import build_stack, encode_prompts
 
