@@ -212,6 +212,13 @@ class Preemption(_StepBoundary):
         self.requested: int | None = None
         self.stopped = False
         self._previous: dict = {}
+        self._before_fit: dict = {}
+
+    def setup(self, trainer, pl_module, stage):
+        # The process's own handlers, from before Lightning registers its (after the setup hooks).
+        import signal
+
+        self._before_fit = {name: signal.getsignal(getattr(signal, name)) for name in self.SIGNALS}
 
     def on_train_start(self, trainer, pl_module):
         # Installed after Lightning's own SIGTERM handler (registered once fit has set up), in its
@@ -230,12 +237,15 @@ class Preemption(_StepBoundary):
             self._handle(signal.SIGTERM, None)
 
     def _restore(self) -> None:
-        # Put the handlers of before the run back (Lightning then restores its own originals): left
-        # in place, a SIGTERM would be swallowed after the run, also in every process forked later
-        # (a worker pool's terminate() would then wait forever).
+        # Put the process's handlers of before the fit back, the ones Lightning restores at teardown
+        # too: left in place, ours would swallow a SIGTERM after the run, also in every process forked
+        # later (a worker pool's terminate() would then wait forever). Not Lightning's: between here
+        # and its teardown a SIGTERM (SLURM ending a requeued job) would run its handler, a broadcast
+        # to ranks that may have exited already (a gloo "Connection reset" traceback).
         import signal
 
         for name, handler in self._previous.items():
+            handler = self._before_fit.get(name, handler)
             signal.signal(getattr(signal, name), handler if handler is not None else signal.SIG_DFL)
         self._previous.clear()
 
@@ -247,6 +257,9 @@ class Preemption(_StepBoundary):
 
         if signum == signal.SIGINT and self.requested is not None:
             raise KeyboardInterrupt  # Ctrl-C twice: stop now
+        if self.stopped:  # checkpointed and stopping: SLURM ending the requeued job, say
+            log.info("signal %s received while stopping", signal.Signals(signum).name)
+            return
         self.requested = signum
         log.warning("signal %s received: checkpoint at the end of this step, then stop%s", signal.Signals(signum).name,
                     " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else "")  # fmt: skip
@@ -272,16 +285,15 @@ class Preemption(_StepBoundary):
         import os
         import subprocess
 
-        self._restore()
-
         job = os.environ.get("SLURM_JOB_ID")
-        if not (self.stopped and trainer.is_global_zero and job):
-            return
-        result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
-        if result.returncode == 0:
-            log.warning("requeued SLURM job %s", job)
-        else:
-            log.error("could not requeue SLURM job %s: %s", job, result.stderr.strip())
+        if self.stopped and trainer.is_global_zero and job:
+            # Before the handlers go back: the requeue ends this job with a SIGTERM, which ours only logs.
+            result = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+            if result.returncode == 0:
+                log.warning("requeued SLURM job %s", job)
+            else:
+                log.error("could not requeue SLURM job %s: %s", job, result.stderr.strip())
+        self._restore()
 
 
 class StepProgressBar(TQDMProgressBar):
