@@ -19,47 +19,54 @@ from PIL import Image
 from nemo_controlnet.data.decode import load_hint, load_image, open_image
 
 
+Size = int | tuple[int, int]  # a square side, or a (width, height) target (an aspect bucket)
+
+
+def _target(size: Size) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 @dataclass(frozen=True)
 class ResizeCrop:
-    """Resize so the smaller side is ``size``, crop a ``size`` x ``size`` box, optionally mirror."""
+    """Resize so the image just covers the target (the smaller side for a square), crop a target-sized
+    box, optionally mirror. The target is a side (square) or a (width, height) aspect bucket."""
 
     resized: tuple[int, int]  # (width, height) after resize
     box: tuple[int, int, int, int]  # (left, top, right, bottom) in the resized image
     flip: bool = False
 
     @staticmethod
-    def _resized(width: int, height: int, size: int) -> tuple[int, int]:
-        scale = size / min(width, height)
-        return max(size, round(width * scale)), max(size, round(height * scale))
+    def _resized(width: int, height: int, size: Size) -> tuple[int, int]:
+        tw, th = _target(size)
+        scale = max(tw / width, th / height)
+        return max(tw, round(width * scale)), max(th, round(height * scale))
 
     @classmethod
-    def center(cls, width: int, height: int, size: int) -> "ResizeCrop":
-        w, h = cls._resized(width, height, size)
-        left, top = (w - size) // 2, (h - size) // 2
-        return cls((w, h), (left, top, left + size, top + size))
+    def center(cls, width: int, height: int, size: Size) -> "ResizeCrop":
+        return cls.draw(width, height, size)
 
     @classmethod
     def draw(
         cls,
         width: int,
         height: int,
-        size: int,
+        size: Size,
         crop: str = "center",
         hflip: float = 0.0,
         rng: random.Random | None = None,
     ) -> "ResizeCrop":
         """Parameters for one sample: ``crop`` is ``center`` or ``random``; ``hflip`` a probability."""
-        if crop == "center" and not hflip:
-            return cls.center(width, height, size)
-        rng = rng or random.Random(0)
+        tw, th = _target(size)
         w, h = cls._resized(width, height, size)
         if crop == "random":
-            left, top = rng.randint(0, w - size), rng.randint(0, h - size)
+            rng = rng or random.Random(0)
+            left, top = rng.randint(0, w - tw), rng.randint(0, h - th)
         elif crop == "center":
-            left, top = (w - size) // 2, (h - size) // 2
+            left, top = (w - tw) // 2, (h - th) // 2
         else:
             raise ValueError(f"data.augment.crop={crop!r}: use center or random")
-        return cls((w, h), (left, top, left + size, top + size), flip=rng.random() < hflip)
+        flip = bool(hflip) and (rng or random.Random(0)).random() < hflip
+        return cls((w, h), (left, top, left + tw, top + th), flip=flip)
 
     def apply(self, img: np.ndarray | Image.Image, kind: str = "image") -> np.ndarray | Image.Image:
         """The same geometry on an image or a hint (HWC or HW uint8 array, or PIL), any input size

@@ -40,6 +40,7 @@ from nemo_controlnet.data.transforms import ResizeCrop, to_uint8_chw
 log = logging.getLogger(__name__)
 
 STATS = "data_stats"
+BUCKET = "__bucket__"  # a sample's (width, height) target, set by a bucketing sampler
 MISSING_CAPTION = {"empty": "trained with the empty prompt", "skip": "skipped"}
 
 
@@ -177,7 +178,9 @@ class SampleDecoder:
                 raise BadSample("size_mismatch", f"image {image.size} vs hint {hint.size}")
             # Geometry from the full size, before any reduced decoding: image and hint share it.
             original_size = (image.height, image.width)
-            geometry = ResizeCrop.draw(*image.size, self.resolution, self.crop, self.hflip, rng)
+            # The sample's aspect bucket (width, height) when the sampler chose one, else the square side.
+            target = sample.get(BUCKET) or self.resolution
+            geometry = ResizeCrop.draw(*image.size, target, self.crop, self.hflip, rng)
             image, _ = load_image(image, "image", draft_size=geometry.resized)
             hint = load_hint(hint)[0] if hint is not None else None
             caption = self.caption(sample, where)
