@@ -206,6 +206,13 @@ def validate_train_config(cfg: DictConfig) -> None:
     c.check("data.batch_size", _pos_int, "a positive integer")
     c.check("data.num_workers", _nonneg_int, "an integer >= 0")
     c.check("data.shuffle_buffer", _nonneg_int, "an integer >= 0")
+    c.check("data.access", lambda v: v in ("auto", "indexed", "stream"), "auto, indexed or stream", required=False)
+    if OmegaConf.select(cfg, "data.buckets.enabled"):
+        c.check("data.buckets.step", lambda v: _pos_int(v) and v % 8 == 0, "a positive multiple of 8")
+        c.check("data.buckets.max_aspect", lambda v: _number(v) and v >= 1, "a number >= 1")
+        step, res = OmegaConf.select(cfg, "data.buckets.step"), OmegaConf.select(cfg, "data.resolution")
+        if _pos_int(step) and _pos_int(res) and res % step:
+            c.errors.append(f"data.buckets.step={step}: must divide data.resolution={res}")
     c.check("data.missing_caption", lambda v: v in ("empty", "skip"), "empty or skip", required=False)
     for key in ("image_key", "hint_key", "caption_key"):
         c.check(f"data.{key}", lambda v: isinstance(v, str) and v, "a tar member extension such as jpg")

@@ -137,7 +137,7 @@ def _keys(stream, n):
 def test_resumed_stream_neither_replays_nor_skips(shapes_dir, workers):
     urls = expand_shards(shapes_dir / "train")
 
-    def make(epoch):
+    def make(epoch, first=0):
         pipeline = epoch_pipeline(urls, DECODER, batch_size=4, epoch=epoch, seed=5, shuffle_buffer=16)
         return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=workers)
 
@@ -198,7 +198,7 @@ def test_render_is_pure():
 def test_an_epoch_without_a_full_batch_fails_instead_of_spinning(shapes_dir):
     urls = expand_shards(shapes_dir / "val")  # 4 samples
 
-    def make(epoch):
+    def make(epoch, first=0):
         return epoch_pipeline(urls, DECODER, batch_size=8, epoch=epoch)
 
     with pytest.raises(RuntimeError, match="produced no batch"):
@@ -220,7 +220,10 @@ def test_too_few_shards_for_ranks_and_workers_is_an_error(shapes_dir):
             "image_key": "jpg",
             "hint_key": "png",
             "caption_key": "txt",
+            "access": "stream",  # indexed access hands batches, not shards, to workers: no minimum
         }
     )
+    dm = ShardDataModule(cfg, hint_channels=3, seed=0)
+    dm.setup("fit")
     with pytest.raises(ValueError, match=r"4 shard\(s\) for 1 rank\(s\) x 8 worker\(s\); need at least 8"):
-        ShardDataModule(cfg, hint_channels=3, seed=0).setup("fit")
+        dm.train_dataloader()

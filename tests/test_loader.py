@@ -158,7 +158,7 @@ def test_finite_mixing_reads_every_sample_once(tmp_path):
 def test_resampled_stream_resumes_exactly(tmp_path):
     urls = _shards(tmp_path, "r", 3)
 
-    def make(e):
+    def make(e, first=0):
         stream = SampleStream([(ShardSource(urls), 1.0)], SampleDecoder(32), 4, e, seed=2, shuffle_buffer=8,
                               resampled=True, samples_per_epoch=40)  # fmt: skip
         return torch.utils.data.DataLoader(stream, batch_size=None, num_workers=2)
@@ -192,7 +192,7 @@ def test_corrupt_shards_are_survived_and_counted(tmp_path):
     cut_in_member(truncated, 4)
     cfg = OmegaConf.create(
         {"shards": [*good, bad, truncated], "num_workers": 2, "resolution": 32, "batch_size": 2,
-         "shuffle_buffer": 0, "image_key": "jpg", "hint_key": "png", "caption_key": "txt"}
+         "shuffle_buffer": 0, "image_key": "jpg", "hint_key": "png", "caption_key": "txt", "access": "stream"}
     )  # fmt: skip
     dm = ShardDataModule(cfg, hint_channels=3, seed=0)
     dm.setup("fit")
@@ -213,7 +213,8 @@ def test_a_truncated_shard_is_one_error_naming_shard_and_member(tmp_path, caplog
     shard = _shards(tmp_path, "t", 1, per_shard=6)[0]
     cut = cut_in_member(shard, 5)
     decoder = SampleDecoder(32)
-    stream = EpochStream(lambda epoch: SampleStream([(ShardSource([shard]), 1.0)], decoder, 1, epoch, shuffle_buffer=0))
+    source = ShardSource([shard])
+    stream = EpochStream(lambda epoch, first=0: SampleStream([(source, 1.0)], decoder, 1, epoch, shuffle_buffer=0))
     with caplog.at_level("INFO"):
         good = []
         for batch in stream:
@@ -230,8 +231,9 @@ def test_a_truncated_shard_is_one_error_naming_shard_and_member(tmp_path, caplog
     assert "0 bad samples skipped {}, 1 shard(s) not read to the end {'truncated_shard': 1}" in epoch_line
 
 
+@pytest.mark.parametrize("access", ["stream", "indexed"])
 @pytest.mark.parametrize("mode", ["empty", "skip"])
-def test_samples_without_a_caption_are_counted_and_follow_data_missing_caption(tmp_path, mode, caplog):
+def test_samples_without_a_caption_are_counted_and_follow_data_missing_caption(tmp_path, mode, access, caplog):
     shard = str(tmp_path / "c.tar")
     with wds.TarWriter(shard) as sink:
         for i in range(4):
@@ -240,26 +242,32 @@ def test_samples_without_a_caption_are_counted_and_follow_data_missing_caption(t
                 sample["txt"] = f"caption {i}"
             sink.write(sample)
     cfg = OmegaConf.create({"shards": shard, "num_workers": 0, "resolution": 32, "batch_size": 1, "shuffle_buffer": 0,
-                            "image_key": "jpg", "hint_key": "png", "caption_key": "txt", "missing_caption": mode})
+                            "image_key": "jpg", "hint_key": "png", "caption_key": "txt", "missing_caption": mode,
+                            "access": access})  # fmt: skip
     dm = ShardDataModule(cfg, hint_channels=3, seed=0)
     dm.setup("fit")
     stream = dm.train_dataloader()
-    captions = {}
+    captions, steps = {}, 0
     with caplog.at_level("INFO"):
         for batch in stream:
             if batch["data_position"][0] == 1:
                 break
             captions[batch["key"][0]] = batch["caption"][0]
+            steps += 1
     epoch_line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("data epoch 0 done"))
     if mode == "empty":  # trained as unconditional samples, and said so
         assert captions == {"s0": "", "s1": "caption 1", "s2": "", "s3": "caption 3"}
         assert stream.notes == {"missing_caption": 2} and not stream.skipped
         assert "2 sample(s) without a caption trained with the empty prompt" in epoch_line
         assert any("c.tar:s0: no 'txt' member" in r.getMessage() for r in caplog.records)
-    else:
-        assert captions == {"s1": "caption 1", "s3": "caption 3"}
+    elif access == "stream":  # left out
+        assert captions == {"s1": "caption 1", "s3": "caption 3"} and steps == 2
         assert stream.skipped == {"missing_caption": 2} and not stream.notes
         assert "2 bad samples skipped {'missing_caption': 2}" in epoch_line
+    else:  # replaced by a good sample: every planned step still comes, with a full batch
+        assert captions == {"s1": "caption 1", "s3": "caption 3"} and steps == 4
+        assert stream.skipped["missing_caption"] >= 2 and set(stream.skipped) == {"missing_caption"}
+        assert "bad samples skipped {'missing_caption'" in epoch_line
 
 
 def test_make_sources_picks_folder_datasets_or_shards(tmp_path):

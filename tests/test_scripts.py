@@ -54,3 +54,11 @@ def test_bench_threads_times_each_thread_count_idle_and_busy():
     rows = _load("bench_threads").main(["--threads", "1", "2", "--busy", "0", "1", "--steps", "2"])
     assert [(r["busy"], r["threads"]) for r in rows] == [(0, 1), (0, 2), (1, 1), (1, 2)]
     assert all(r["s_per_step"] > 0 for r in rows)
+
+
+def test_bench_resume_seeks_to_the_same_batch_as_an_uninterrupted_run(tmp_path):
+    result = _load("bench_resume").main(["--samples", "600", "--per-shard", "50", "--position", "240",
+                                         "--stream-position", "80", "--workers", "0", "--dir", str(tmp_path)])  # fmt: skip
+    assert result["shards"] == 12 and result["same_batch"] is True
+    assert result["indexed_resume_s"] > 0 and result["stream_resume_s"] > 0
+    assert len(list(tmp_path.glob("*.tar.idx.npz"))) == 12  # indexed once, beside the shards

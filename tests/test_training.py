@@ -408,7 +408,8 @@ def test_training_on_an_image_folder_with_augmentation(train_cfg, tmp_path):
         validate_train_config(compose_train([f"data.datasets=[{{shards: {root}}}]"]))
 
 
-def test_a_run_over_planted_bad_data_finishes_and_reports_counts(train_cfg, shapes_dir, tmp_path, caplog):
+@pytest.mark.parametrize("access", ["stream", "indexed"])
+def test_a_run_over_planted_bad_data_finishes_and_reports_counts(train_cfg, shapes_dir, tmp_path, caplog, access):
     import webdataset as wds
 
     bad = tmp_path / "bad.tar"
@@ -416,13 +417,22 @@ def test_a_run_over_planted_bad_data_finishes_and_reports_counts(train_cfg, shap
     with wds.TarWriter(str(bad)) as sink:
         sink.write({"__key__": "nohint", "jpg": members["jpg"], "txt": "x"})
         sink.write({"__key__": "badjpg", "jpg": b"not a jpeg", "png": members["png"], "txt": "x"})
+        if access == "indexed":  # 68 samples: 17 whole batches, so both bad ones are in the epoch's plan
+            for i in range(2):
+                sink.write({"__key__": f"good{i}", "jpg": members["jpg"], "png": members["png"], "txt": "x"})
     shards = sorted(str(p) for p in (shapes_dir / "train").glob("*.tar")) + [str(bad)]
     cfg = train_cfg(f"data.shards=[{','.join(shards)}]", "trainer.max_steps=18", "validation.num_samples=0",
-                    "checkpoint.every_n_steps=0")  # fmt: skip
+                    "checkpoint.every_n_steps=0", f"data.access={access}")  # fmt: skip
     with caplog.at_level("INFO", logger="nemo_controlnet"):
         trainer, _ = train(cfg)
-    assert trainer.global_step == 18  # past the end of epoch 0 (16 batches of 4)
-    assert "data epoch 0 done: 16 batches, 2 bad samples skipped {'missing_hint': 1, 'corrupt_image': 1}" in caplog.text
+    assert trainer.global_step == 18  # past the end of epoch 0 (16 or 17 batches of 4)
+    if access == "stream":  # left out: 64 good samples, 16 batches
+        counts = "2 bad samples skipped {'missing_hint': 1, 'corrupt_image': 1}"
+        assert f"data epoch 0 done: 16 batches, {counts}" in caplog.text
+    else:  # replaced by good samples of the same bucket: every planned batch full
+        line = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("data epoch 0 done"))
+        assert line.startswith("data epoch 0 done: 17 batches, ")
+        assert "'missing_hint'" in line and "'corrupt_image'" in line
 
 
 def test_sdxl_micro_conditioning_reaches_both_networks(train_cfg):

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
 from nemo_controlnet.data.decode import read_file
+from nemo_controlnet.data.indexed import FolderSet, IndexedStream, SampleTable, ShardSet, buckets_for, is_local
 from nemo_controlnet.data.transforms import normalize_hint, prepare_hint
 from nemo_controlnet.data.webdataset import (
     EpochStream,
@@ -122,7 +123,14 @@ def signals_blocked() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+ACCESS = ("auto", "indexed", "stream")
+
+
 class ShardDataModule(L.LightningDataModule):
+    """Training batches from ``data``: indexed (local shards and folders: planned epochs, O(1) resume,
+    aspect buckets; ``data/indexed.py``) or streamed (any URL; shuffle buffers; ``data/webdataset.py``),
+    by ``data.access`` (``auto``: indexed when every source is local, unless resuming a streamed run)."""
+
     def __init__(
         self, data_cfg: DictConfig, hint_channels: int, seed: int, control_key: str = "hint", cached: bool = False
     ):
@@ -130,14 +138,58 @@ class ShardDataModule(L.LightningDataModule):
         self.cfg = data_cfg
         self.decoder = make_decoder(data_cfg, hint_channels, control_key, seed, cached=cached)
         self.seed = seed
+        self.cached = cached
         self.resume_position: tuple[int, int] = (0, -1)
+        self.resumed_access: str | None = None  # what the checkpoint's data stream was
+        self.access: str | None = None
         self.sources: list[tuple[object, float]] = []
         self.stream: EpochStream | None = None
+        self.table = None  # indexed access: data.indexed.SampleTable
+        self.buckets: list[tuple[int, int]] | None = None
+        self.bucket_of = None
 
     def setup(self, stage: str) -> None:
         if int(self.cfg.num_workers) > 0:
             sequential_opencv()
         self.sources = make_sources(self.cfg)
+        log.info("training data: %d source(s) %s, batch %d, %d worker(s), resampled=%s",
+                 len(self.sources), [repr_source(s) for s, _ in self.sources], self.cfg.batch_size,
+                 self.cfg.num_workers, bool(self.cfg.get("resampled")))  # fmt: skip
+
+    def choose_access(self) -> str:
+        """``data.access`` resolved: the checkpoint's when resuming (its batch order), else indexed
+        when every source is local (a file, not a URL or a pipe)."""
+        wanted = self.cfg.get("access", "auto")
+        if wanted not in ACCESS:
+            raise ValueError(f"data.access={wanted!r}: use one of {list(ACCESS)}")
+        resuming = self.resume_position != (0, -1)
+        recorded = self.resumed_access or ("stream" if resuming else None)  # before indexed access existed
+        local = all(not hasattr(s, "urls") or all(is_local(u) for u in s.urls) for s, _ in self.sources)
+        buckets = bool((self.cfg.get("buckets") or {}).get("enabled"))
+        if recorded and wanted not in ("auto", recorded):
+            raise ValueError(
+                f"data.access={wanted}, but the checkpoint was trained with data.access={recorded}: resume with "
+                f"data.access={recorded} (or auto), or start over with resume=false (another access mode is "
+                "another sample order)"
+            )
+        access = recorded or (wanted if wanted != "auto" else ("indexed" if local else "stream"))
+        if access == "indexed" and not local:
+            remote = next(u for s, _ in self.sources for u in getattr(s, "urls", []) if not is_local(u))
+            raise ValueError(f"data.access=indexed reads local files only; {remote} is not one (use data.access="
+                             "stream for URLs and pipes)")  # fmt: skip
+        if buckets and access != "indexed":
+            raise ValueError(
+                "data.buckets.enabled=true needs indexed access (local shards or a folder, data.access=auto|"
+                f"indexed); this run's data is read with data.access={access}"
+            )
+        if buckets and self.cached:
+            raise ValueError(
+                "data.buckets.enabled=true cannot use cached latents (encoded as square crops); train from "
+                "images, or without buckets"
+            )
+        return access
+
+    def check_stream_readers(self) -> None:
         world = self.trainer.world_size if self.trainer is not None else 1
         readers = world * max(1, int(self.cfg.num_workers))
         for i, (source, _) in enumerate(self.sources):
@@ -149,16 +201,26 @@ class ShardDataModule(L.LightningDataModule):
                     f"data source {i}: {units} {kind} for {world} rank(s) x {self.cfg.num_workers} worker(s); "
                     f"need at least {readers} (write smaller shards, lower data.num_workers, or data.resampled=true)"
                 )
-        log.info("training data: %d source(s) %s, batch %d, %d worker(s), resampled=%s",
-                 len(self.sources), [repr_source(s) for s, _ in self.sources], self.cfg.batch_size,
-                 self.cfg.num_workers, bool(self.cfg.get("resampled")))  # fmt: skip
 
-    def _epoch_loader(self, epoch: int) -> DataLoader:
-        stream = SampleStream(
-            self.sources, self.decoder, int(self.cfg.batch_size), epoch, seed=self.seed,
-            shuffle_buffer=int(self.cfg.shuffle_buffer), resampled=bool(self.cfg.get("resampled")),
-            samples_per_epoch=self.cfg.get("samples_per_epoch"),
-        )  # fmt: skip
+    def build_table(self) -> None:
+        sets = [ShardSet(s.urls, self.cfg.image_key) if hasattr(s, "urls") else FolderSet(s) for s, _ in self.sources]
+        self.table = SampleTable.of(sets, [w for _, w in self.sources])
+        if len(self.table) == 0:
+            raise ValueError(f"training data: no samples in {[repr_source(s) for s, _ in self.sources]}")
+        self.buckets, self.bucket_of = buckets_for(self.cfg, self.table)
+
+    def _epoch_loader(self, epoch: int, first: int = 0) -> DataLoader:
+        resampled = bool(self.cfg.get("resampled"))
+        if self.access == "indexed":
+            per_epoch = self.cfg.get("samples_per_epoch") if resampled else None
+            stream = IndexedStream(self.table, self.decoder, int(self.cfg.batch_size), epoch, self.seed,
+                                   self.buckets, self.bucket_of, first, per_epoch)  # fmt: skip
+        else:
+            stream = SampleStream(
+                self.sources, self.decoder, int(self.cfg.batch_size), epoch, seed=self.seed,
+                shuffle_buffer=int(self.cfg.shuffle_buffer), resampled=resampled,
+                samples_per_epoch=self.cfg.get("samples_per_epoch"),
+            )  # fmt: skip
         workers = int(self.cfg.num_workers)
         # Its own generator: creating an iterator must not draw from the global RNG, which the
         # training step's noise comes from (and which a resumed run restores).
@@ -170,6 +232,13 @@ class ShardDataModule(L.LightningDataModule):
             return iter(loader)
 
     def train_dataloader(self) -> EpochStream:
+        self.access = self.choose_access()
+        if self.access == "indexed":
+            self.build_table()
+        else:
+            self.check_stream_readers()
+        log.info("data access: %s%s", self.access,
+                 f", {len(self.buckets)} aspect buckets" if self.buckets else "")  # fmt: skip
         self.stream = EpochStream(self._epoch_loader, start=self.resume_position)
         return self.stream
 
@@ -181,10 +250,11 @@ class ShardDataModule(L.LightningDataModule):
     def state_dict(self) -> dict:
         module = self.trainer.lightning_module if self.trainer is not None else None
         position = getattr(module, "data_position", self.resume_position)
-        return {"data_position": list(position)}
+        return {"data_position": list(position), "data_access": self.access or self.resumed_access}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.resume_position = tuple(state_dict.get("data_position", (0, -1)))
+        self.resumed_access = state_dict.get("data_access")
 
 
 def repr_source(source) -> str:

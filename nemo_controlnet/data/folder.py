@@ -38,15 +38,17 @@ class FolderSource:
         log.info("folder %s: %d images, %d precomputed hints in %s", self.root, len(self.items),
                  len(self.items) - len(missing), self.hints_dir)  # fmt: skip
 
+    def sample(self, image: Path, hint: Path) -> dict:
+        sample = {
+            "__key__": str(image.relative_to(self.root).with_suffix("")),
+            "__url__": str(image),
+            "jpg": _read(image),
+            "txt": _read(image.with_suffix(".txt")),
+        }
+        if hint.is_file():
+            sample["png"] = _read(hint)
+        return sample
+
     def samples(self, rng_seed: str, epoch_seed: str, resampled: bool, handler) -> Iterator[dict]:
         for image, hint in assigned(self.items, rng_seed, epoch_seed, resampled):
-            key = str(image.relative_to(self.root).with_suffix(""))
-            sample = {
-                "__key__": key,
-                "__url__": str(image),
-                "jpg": _read(image),
-                "txt": _read(image.with_suffix(".txt")),
-            }
-            if hint.is_file():
-                sample["png"] = _read(hint)
-            yield sample
+            yield self.sample(image, hint)

@@ -40,6 +40,7 @@ from nemo_controlnet.data.transforms import ResizeCrop, to_uint8_chw
 log = logging.getLogger(__name__)
 
 STATS = "data_stats"
+BATCH_INDEX = "data_index"  # a batch's index in its epoch, from a seekable (indexed) epoch
 BUCKET = "__bucket__"  # a sample's (width, height) target, set by a bucketing sampler
 MISSING_CAPTION = {"empty": "trained with the empty prompt", "skip": "skipped"}
 
@@ -347,12 +348,14 @@ def batches(stream: Iterable[dict]) -> Iterator[dict]:
 class EpochStream:
     """An endless stream of batches, epoch after epoch, resumable at a ``data_position``.
 
-    Batches up to and including ``start`` (epoch, index) are skipped. They are still read and
-    decoded (a batch's content depends on the worker interleaving), which costs time on resume but
-    never replays or drops a sample. ``skipped`` totals the bad samples of finished epochs.
+    ``make_epoch(epoch, first)`` gives an epoch's batches. A seekable epoch (``data/indexed.py``) starts at
+    batch ``first`` and names each batch's index (``data_index``): a resume reads nothing before it. A
+    streamed epoch starts at its beginning: batches up to and including ``start`` (epoch, index) are
+    read, decoded and skipped (a batch's content depends on the worker interleaving), which costs time
+    on resume but never replays or drops a sample. ``skipped`` totals the bad samples of finished epochs.
     """
 
-    def __init__(self, make_epoch: Callable[[int], Iterable[dict]], start: tuple[int, int] = (0, -1)):
+    def __init__(self, make_epoch: Callable[[int, int], Iterable[dict]], start: tuple[int, int] = (0, -1)):
         self.make_epoch = make_epoch
         self.start = start
         self.skipped: Counter = Counter()
@@ -364,13 +367,14 @@ class EpochStream:
             log.info("resuming data stream after epoch %d batch %d", epoch, last)
         while True:
             index, per_worker = 0, {}
-            for batch in self.make_epoch(epoch):
+            for batch in self.make_epoch(epoch, last + 1):
                 stats = batch.pop(STATS, None)
                 if stats is not None:
                     per_worker[tuple(stats["worker"])] = stats
                 if not batch:
                     continue
-                index += 1
+                seek = batch.pop(BATCH_INDEX, None)
+                index = index + 1 if seek is None else int(seek) + 1
                 if index - 1 <= last:
                     continue
                 batch["data_position"] = (epoch, index - 1)
@@ -379,10 +383,11 @@ class EpochStream:
             notes = sum((Counter(w.get("notes", {})) for w in per_worker.values()), Counter())
             self.skipped.update(skipped)
             self.notes.update(notes)
-            if index == 0:
+            if index == 0 and last < 0:
                 raise RuntimeError(
                     f"epoch {epoch} produced no batch: too few samples for the batch size, or every sample "
                     f"was bad (skipped: {dict(skipped)})"
                 )
-            log.info("data epoch %d done: %d batches, %s", epoch, index, describe_counts(skipped, notes))
+            log.info("data epoch %d done: %d batches, %s", epoch, max(index, last + 1),
+                     describe_counts(skipped, notes))  # fmt: skip
             epoch, last = epoch + 1, -1
