@@ -564,3 +564,25 @@ def test_base_training_is_a_config_and_a_controlnet_trains_over_its_export(train
     _, controlled = train(over)
     torch.testing.assert_close(controlled.unet.state_dict()["conv_out.weight"], after["conv_out.weight"])
     assert (tmp_path / "cn" / "controlnet" / "config.json").is_file()
+
+
+def test_sdxl_on_aspect_buckets_resumes_bitwise_and_checks_the_step(train_cfg, tmp_path, caplog):
+    """Mixed-aspect shards, SDXL micro-conditioning, buckets: 2 + 2 steps == 4 steps, and a bucket
+    side the base cannot take is refused naming the key."""
+    from tests.test_indexed import write_shards
+
+    sizes = [[(96, 64), (64, 96), (72, 72), (120, 60)] * 4 for _ in range(2)]
+    shards = write_shards(tmp_path, "mixed", sizes)
+    common = ["model=tiny_sdxl", f"data.shards=[{','.join(shards)}]", "data.buckets.enabled=true",
+              "data.buckets.step=16", "data.augment.crop=random", "data.augment.hflip=0.5",
+              "validation.num_samples=0", "trainer.max_steps=6"]  # fmt: skip
+    with caplog.at_level("INFO", logger="nemo_controlnet"):
+        _, straight = train(train_cfg(*common, f"run_dir={tmp_path / 'a'}"))
+    assert "aspect buckets (width x height, samples): 48x80: 8, 64x64: 8, 80x48: 16" in caplog.text
+    train(train_cfg(*common, f"run_dir={tmp_path / 'b'}", "trainer.max_steps=3"))
+    _, resumed = train(train_cfg(*common, f"run_dir={tmp_path / 'b'}"))
+    assert resumed.data_position == straight.data_position
+    for key, value in straight.controlnet.state_dict().items():
+        assert torch.equal(resumed.controlnet.state_dict()[key], value), key
+    with pytest.raises(ValueError, match="data.buckets.step=8 must be a multiple of 16"):
+        train(train_cfg(*common, f"run_dir={tmp_path / 'c'}", "data.buckets.step=8"))

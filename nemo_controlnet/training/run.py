@@ -22,6 +22,7 @@ from nemo_controlnet import __version__
 from nemo_controlnet.config import validate_train_config
 from nemo_controlnet.data.datamodule import ShardDataModule, validation_samples
 from nemo_controlnet.data.cached import cached_encoding, check_encoder
+from nemo_controlnet.data.indexed import make_buckets
 from nemo_controlnet.prep.synthetic import write_shapes_dataset
 from nemo_controlnet.notices import drop_duplicate_lightning_console
 from nemo_controlnet.io import CHECKSUM_SUFFIX, DirectoryLock, atomic_path, sweep_stale_temps
@@ -82,11 +83,23 @@ def slurm_plugins() -> list:
     return [SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else []
 
 
-def check_resolution(module: ControlNetModule, resolution: int) -> None:
+def check_resolution(module: ControlNetModule, resolution: int, key: str = "data.resolution") -> None:
     multiple = module.family.resolution_multiple(module)
     if resolution % multiple:
-        raise ValueError(f"data.resolution={resolution} must be a multiple of {multiple} (the latent grid must "
+        raise ValueError(f"{key}={resolution} must be a multiple of {multiple} (the latent grid must "
                          f"halve cleanly through every block of the {module.family.name} base)")  # fmt: skip
+
+
+def prepare_buckets(cfg: DictConfig, module: ControlNetModule) -> None:
+    """Aspect buckets: every side a multiple the base can take; a compiled block may specialise once
+    per bucket shape (torch's default of 8 recompiles would fall back to eager past 8 buckets)."""
+    buckets = cfg.data.get("buckets") or {}
+    if not buckets.get("enabled"):
+        return
+    check_resolution(module, int(buckets.step), "data.buckets.step")
+    n = len(make_buckets(int(cfg.data.resolution), int(buckets.step), float(buckets.max_aspect)))
+    if (cfg.get("perf") or {}).get("compile"):
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, n + 2)
 
 
 def export_metadata(cfg: DictConfig, module: ControlNetModule, step: int) -> dict:
@@ -188,6 +201,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, ControlNetModule]
                               adapter_cfg=cfg.get("adapter"), controlnet_cfg=cfg.get("controlnet"),
                               mode=cfg.get("training_mode"))  # fmt: skip
     check_resolution(module, int(cfg.data.resolution))
+    prepare_buckets(cfg, module)
     if encoded:
         check_encoder(encoded, module.encoder_fingerprint)
     datamodule = ShardDataModule(
