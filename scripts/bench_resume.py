@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import io
 import math
+import tarfile
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -23,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -55,10 +55,13 @@ def _write_shard(args: tuple[str, int, int, int]) -> str:
         return url
     encoded = _encoded(size)
     tmp = url + ".tmp"
-    with wds.TarWriter(tmp) as sink:
+    with tarfile.open(tmp, "w") as tar:  # plain tar members, as webdataset's TarWriter writes them
         for i in range(first, first + count):
             jpg, png = encoded[i % VARIANTS]
-            sink.write({"__key__": f"{i:09d}", "jpg": jpg, "png": png, "txt": f"sample {i}"})
+            for ext, data in (("jpg", jpg), ("png", png), ("txt", f"sample {i}".encode())):
+                info = tarfile.TarInfo(f"{i:09d}.{ext}")
+                info.size, info.mtime, info.mode = len(data), 1_700_000_000, 0o444
+                tar.addfile(info, io.BytesIO(data))
     Path(tmp).rename(url)
     return url
 

@@ -68,7 +68,7 @@ def test_the_index_reads_every_sample_as_the_stream_does(tmp_path):
     url = write_shards(tmp_path, "a", [[(48, 32), (32, 48), (40, 40)] * 3])[0]
     index, built = shard_index(url, "jpg")
     assert built and Path(url + INDEX_SUFFIX).is_file()
-    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]  # written by rename
+    assert not [p for p in tmp_path.iterdir() if "tmp" in p.name]  # written by rename
     assert (Path(url + INDEX_SUFFIX).stat().st_mode & 0o777) == (0o666 & ~_umask())
     assert index.image_sizes.tolist() == [[48, 32], [32, 48], [40, 40]] * 3
     table = ShardSet([url], "jpg")
@@ -111,7 +111,7 @@ def test_a_read_only_shard_directory_keeps_its_index_in_the_cache(tmp_path, monk
     try:
         _, built = shard_index(url, "jpg")
         assert built and len(list((tmp_path / "cache").rglob("*" + INDEX_SUFFIX))) == 1
-        assert not list(data.glob("*.tmp")) and not list(data.glob(".*.tmp"))
+        assert not list(data.glob("*tmp*")) and not list(data.glob(".*tmp*"))
         _, built = shard_index(url, "jpg")
         assert not built
     finally:
@@ -303,3 +303,79 @@ def test_a_tar_member_count_does_not_matter_to_the_index(tmp_path):
     assert table.sample(1)["json"] == b'{"x": 1}' and table.sample(1)["txt"] == b"b"
     with tarfile.open(url) as tar:
         assert len(tar.getmembers()) == 6
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_the_header_walk_agrees_with_tarfile_on_every_format(fmt):
+    """Long and non-ASCII names (pax records, GNU long names, the ustar prefix) and pax sizes."""
+    import io
+
+    from nemo_controlnet.data.indexed import TarWalkError, walk_tar
+
+    names = ["p" * 120 + "/k1.jpg", "k1.txt"] if fmt == tarfile.USTAR_FORMAT else \
+        ["a" * 150 + "/k1.jpg", "dir/k1.txt", "ü/k2.jpg", "k3.txt"]  # fmt: skip
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for i, name in enumerate(names):
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime = 300 + 700 * i, 1.5e9 + 0.25  # a float mtime: pax records, as TarWriter writes
+            tar.addfile(info, io.BytesIO(bytes([i]) * info.size))
+        directory = tarfile.TarInfo("a-directory")
+        directory.type = tarfile.DIRTYPE
+        tar.addfile(directory)
+    raw = buf.getvalue()
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        expected = [(m.name, m.offset_data, m.size) for m in tar.getmembers() if m.isreg()]
+    assert list(walk_tar(io.BytesIO(raw), len(raw))) == expected and len(expected) == len(names)
+    damaged = bytearray(raw)
+    damaged[expected[-1][1] - 512 + 10] ^= 0xFF  # a byte of the last member's header
+    with pytest.raises(TarWalkError, match="checksum"):
+        list(walk_tar(io.BytesIO(bytes(damaged)), len(damaged)))
+    with pytest.raises(TarWalkError, match="cut short"):
+        list(walk_tar(io.BytesIO(raw[: expected[-1][1] + 10]), expected[-1][1] + 10))
+
+
+def test_image_sizes_from_headers_match_pil():
+    import io
+
+    from PIL import Image
+
+    from nemo_controlnet.data.indexed import image_size
+
+    for fmt, modes, extra in [("JPEG", ["RGB", "L", "CMYK"], {"progressive": True}), ("PNG", ["RGB", "LA", "P"], {}),
+                              ("WEBP", ["RGB"], {}), ("BMP", ["RGB"], {})]:  # fmt: skip
+        for mode in modes:
+            buf = io.BytesIO()
+            image = Image.new(mode, (37, 23))
+            image.save(buf, format=fmt, **extra)
+            assert image_size(buf.getvalue()) == (37, 23), (fmt, mode)
+    exif = io.BytesIO()
+    tags = Image.Exif()
+    tags[0x010F] = "x" * 3000  # a long maker name: a large APP1 segment before the frame header
+    Image.new("RGB", (640, 480)).save(exif, format="JPEG", exif=tags)
+    assert image_size(exif.getvalue()) == (640, 480)  # the frame header after an APP1 segment
+    assert image_size(b"not an image") == (0, 0)
+
+
+def test_a_large_set_loads_one_joined_index_until_a_shard_changes(tmp_path, monkeypatch):
+    import nemo_controlnet.data.indexed as indexed
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(indexed, "SET_CACHE_MIN_SHARDS", 2)
+    urls = write_shards(tmp_path, "j", [[(32, 32)] * 3, [(40, 32)] * 2, [(32, 40)] * 4])
+    first = ShardSet(urls, "jpg")
+    assert len(list((tmp_path / "cache").glob("*/*/set-*.npz"))) == 1
+
+    def not_again(*args, **kwargs):
+        raise AssertionError("the shards' own indexes were read although the joined one is current")
+
+    monkeypatch.setattr(indexed, "index_shards", not_again)
+    again = ShardSet(urls, "jpg")
+    assert again.keys.tolist() == first.keys.tolist() and np.array_equal(again.offsets, first.offsets)
+    assert again.sample(7) == first.sample(7)
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(indexed, "SET_CACHE_MIN_SHARDS", 2)
+    write_shards(tmp_path, "j", [[(48, 48)] * 6])  # shard 0 rewritten: the joined index is stale
+    changed = ShardSet(urls, "jpg")
+    assert len(changed) == 6 + 2 + 4 and changed.image_sizes[0].tolist() == [48, 48]

@@ -20,8 +20,6 @@ import hashlib
 import io
 import logging
 import os
-import tarfile
-import tempfile
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -35,6 +33,7 @@ from tqdm import tqdm
 from webdataset.tariterators import base_plus_ext
 from webdataset.utils import pytorch_worker_info
 
+from nemo_controlnet.io import atomic_path
 from nemo_controlnet.data.webdataset import BATCH_INDEX, BUCKET, STATS, SampleDecoder, SkipCounter, collate
 
 log = logging.getLogger(__name__)
@@ -42,24 +41,60 @@ log = logging.getLogger(__name__)
 INDEX_SUFFIX = ".idx.npz"
 INDEX_VERSION = 1
 HEADER_BYTES = 1 << 16  # enough for the size of nearly every image; the whole member otherwise
+BLOCK = 512
+ZERO_BLOCK = bytes(BLOCK)
 
 
 def is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:") and Path(url).is_file()
 
 
+def _cache_root() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nemo_controlnet" / "index"
+
+
 def _cache_path(shard: Path) -> Path:
-    root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nemo_controlnet" / "index"
-    return root / (hashlib.sha1(str(shard.resolve()).encode()).hexdigest() + INDEX_SUFFIX)
+    return _cache_root() / (hashlib.sha1(str(shard.resolve()).encode()).hexdigest() + INDEX_SUFFIX)
 
 
 def image_size(head: bytes) -> tuple[int, int]:
-    """(width, height) from an image's first bytes; (0, 0) when they do not tell (decode decides)."""
+    """(width, height) from an image's first bytes; (0, 0) when they do not tell (decode decides).
+    PNG and JPEG headers are read here (the common case, fast); anything else by PIL."""
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and len(head) >= 24:
+        return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if head[:2] == b"\xff\xd8":
+        size = _jpeg_size(head)
+        if size:
+            return size
     try:
         with Image.open(io.BytesIO(head)) as image:
             return image.size
     except Exception:  # PIL raises OSError, SyntaxError, ValueError... for what it cannot parse
         return 0, 0
+
+
+SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """A JPEG's size from its start-of-frame segment (the markers before it skipped by length)."""
+    pos = 2
+    while pos + 9 <= len(data):
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in SOF_MARKERS:
+            height = int.from_bytes(data[pos + 5 : pos + 7], "big")
+            width = int.from_bytes(data[pos + 7 : pos + 9], "big")
+            return (width, height) if width and height else None
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length field
+            pos += 2
+            continue
+        pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return None
 
 
 @dataclass
@@ -78,6 +113,67 @@ class ShardIndex:
         return len(self.keys)
 
 
+class TarWalkError(Exception):
+    """A tar that ends or breaks before its end-of-archive blocks."""
+
+
+def _octal(field: bytes) -> int:
+    if field[:1] and field[0] & 0x80:  # GNU base-256, for sizes of 8 GiB and more
+        return int.from_bytes(field[1:], "big")
+    text = field.split(b"\0", 1)[0].strip()
+    return int(text, 8) if text else 0
+
+
+def _pax(data: bytes) -> dict[str, str]:
+    """The records of a pax extended header: ``<length> <key>=<value>\n`` each."""
+    records, pos = {}, 0
+    while pos < len(data) and data[pos:pos + 1] not in (b"", b"\0"):
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        records[key.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+        pos += length
+    return records
+
+
+def walk_tar(f, file_size: int) -> Iterator[tuple[str, int, int]]:
+    """(name, data offset, size) of each regular file in a tar, from its headers alone (the data is
+    seeked over): ustar, pax (``path``, ``size``) and GNU long names, the formats tar writers use.
+    Raises ``TarWalkError`` where the archive is cut short or a header is damaged."""
+    offset, pending = 0, {}
+    while True:
+        f.seek(offset)
+        header = f.read(BLOCK)
+        if not header:
+            return  # the end-of-archive blocks are missing, but every member before was whole
+        if len(header) < BLOCK:
+            raise TarWalkError(f"cut short inside a header at byte {offset}")
+        if header == ZERO_BLOCK:
+            return
+        stored = _octal(header[148:156])
+        if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]):
+            raise TarWalkError(f"damaged header at byte {offset} (checksum)")
+        kind, size = header[156:157], _octal(header[124:136])
+        data_at = offset + BLOCK
+        if data_at + size > file_size:
+            raise TarWalkError(f"cut short inside a member's data at byte {file_size}")
+        if kind in (b"x", b"L"):  # about the next member: its pax records, or its GNU long name
+            f.seek(data_at)
+            data = f.read(size)
+            pending.update(_pax(data) if kind == b"x" else {"path": data.rstrip(b"\0").decode("utf-8", "replace")})
+        elif kind in (b"g", b"K"):  # global pax records, GNU long link names: nothing a sample needs
+            pass
+        else:
+            if kind in (b"0", b"\0", b"7"):
+                name = header[:100].split(b"\0", 1)[0]
+                if header[257:262] == b"ustar" and header[345:346] != b"\0":
+                    name = header[345:500].split(b"\0", 1)[0] + b"/" + name
+                size = int(pending.get("size", size))
+                yield pending.get("path") or name.decode("utf-8", "replace"), data_at, size
+            pending = {}
+        offset = data_at + (size + BLOCK - 1) // BLOCK * BLOCK
+
+
 def build_shard_index(url: str, image_key: str) -> ShardIndex:
     """Walk a tar's headers (seeking over the data), grouping members into samples as the streaming
     reader does (``tarshards.read_shard``); read only the head of each image for its size."""
@@ -85,20 +181,19 @@ def build_shard_index(url: str, image_key: str) -> ShardIndex:
     error = ""
     with open(url, "rb") as f:
         try:
-            with tarfile.open(fileobj=f, mode="r:") as tar:
-                for info in tar:
-                    if not info.isreg() or info.name.startswith("__") or "/__" in info.name:
-                        continue
-                    key, ext = base_plus_ext(info.name)
-                    if key is None:
-                        continue
-                    ext = ext.lower()
-                    if not rows or rows[-1]["__key__"] != key or ext in rows[-1]:
-                        rows.append({"__key__": key})
-                    rows[-1][ext] = (info.offset_data, info.size)
-        except (tarfile.TarError, EOFError, OSError) as e:
-            error = f"{type(e).__name__}: {e}"
-            if rows:  # the member it broke in belongs to the last sample: dropped, as the stream drops it
+            for name, offset, size in walk_tar(f, os.fstat(f.fileno()).st_size):
+                if name.startswith("__") or "/__" in name:
+                    continue
+                key, ext = base_plus_ext(name)
+                if key is None:
+                    continue
+                ext = ext.lower()
+                if not rows or rows[-1]["__key__"] != key or ext in rows[-1]:
+                    rows.append({"__key__": key})
+                rows[-1][ext] = (offset, size)
+        except (TarWalkError, ValueError) as e:
+            error = str(e)
+            if rows:  # the sample being read when the tar broke may be incomplete: dropped, as the stream drops it
                 rows.pop()
         exts = sorted({e for r in rows for e in r if e != "__key__"})
         offsets = np.full((len(rows), len(exts)), -1, dtype=np.int64)
@@ -125,26 +220,16 @@ def _signature(url: str) -> np.ndarray:
     return np.array([INDEX_VERSION, st.st_size, st.st_mtime_ns], dtype=np.int64)
 
 
-def _save(index: ShardIndex, path: Path, signature: np.ndarray) -> None:
-    """Written to a temp file in the same directory, then renamed: never a half-written index."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, signature=signature, keys=index.keys, exts=np.array(index.exts, dtype=str),
-                     offsets=index.offsets, sizes=index.sizes, image_sizes=index.image_sizes,
-                     error=np.array(index.error))  # fmt: skip
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _save(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Written beside its final name, then renamed (``io.atomic_path``): never a half-written index."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.savez(f, **arrays)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _arrays(index: ShardIndex, signature: np.ndarray) -> dict[str, np.ndarray]:
+    return {"signature": signature, "keys": index.keys, "exts": np.array(index.exts, dtype=str),
+            "offsets": index.offsets, "sizes": index.sizes, "image_sizes": index.image_sizes,
+            "error": np.array(index.error)}  # fmt: skip
 
 
 def _load(path: Path, url: str, signature: np.ndarray) -> ShardIndex | None:
@@ -171,7 +256,7 @@ def shard_index(url: str, image_key: str) -> tuple[ShardIndex, bool]:
     index = build_shard_index(url, image_key)
     for path in (beside, cached):  # beside the shard when its directory is writable
         try:
-            _save(index, path, signature)
+            _save(path, _arrays(index, signature))
             break
         except OSError as e:
             log.debug("cannot write the index %s (%s)", path, e)
@@ -235,38 +320,79 @@ class SampleTable:
         return cls(list(sources), offsets, sizes, np.asarray(weights, dtype=np.float64))
 
 
+SET_ARRAYS = ("shard_of", "keys", "offsets", "sizes", "image_sizes", "exts", "errors")
+SET_CACHE_MIN_SHARDS = 64  # below this, loading the shards' own indexes is quick
+
+
+def _join(indexes: list[ShardIndex]) -> dict[str, np.ndarray]:
+    """The shards' indexes as one table (columns: the union of their member extensions)."""
+    exts = sorted({e for ix in indexes for e in ix.exts})
+    col = {e: i for i, e in enumerate(exts)}
+    n = sum(len(ix) for ix in indexes)
+    out = {
+        "shard_of": np.repeat(np.arange(len(indexes), dtype=np.int32), [len(ix) for ix in indexes]),
+        "keys": np.concatenate([ix.keys for ix in indexes]) if n else np.zeros(0, dtype=str),
+        "offsets": np.full((n, len(exts)), -1, dtype=np.int64),
+        "sizes": np.zeros((n, len(exts)), dtype=np.int64),
+        "image_sizes": np.zeros((n, 2), dtype=np.int32),
+        "exts": np.array(exts, dtype=str),
+        "errors": np.array([ix.error for ix in indexes], dtype=str),
+    }
+    start = 0
+    for ix in indexes:
+        rows, cols = slice(start, start + len(ix)), [col[e] for e in ix.exts]
+        out["offsets"][rows, cols], out["sizes"][rows, cols] = ix.offsets, ix.sizes
+        out["image_sizes"][rows] = ix.image_sizes
+        start += len(ix)
+    return out
+
+
+def _load_set(path: Path, signatures: np.ndarray) -> dict[str, np.ndarray] | None:
+    """A shard set's joined index, when every shard is the file it was made from."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            if not np.array_equal(z["signatures"], signatures):
+                return None
+            return {k: z[k] for k in SET_ARRAYS}
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 class ShardSet:
-    """Local tar shards read by index: a sample is a few seeks and reads."""
+    """Local tar shards read by index: a sample is a few seeks and reads.
+
+    A large set's joined index is also cached (one file, checked against every shard's size and
+    mtime), so a resumed run loads one file instead of one per shard."""
 
     def __init__(self, urls: Sequence[str], image_key: str, progress: bool = True):
         self.urls = list(urls)
-        indexes, built = index_shards(self.urls, image_key, progress)
-        errors = 0
-        for url, index in zip(self.urls, indexes):
-            if index.error:
-                errors += 1
+        signatures = np.stack([_signature(u) for u in self.urls]) if self.urls else np.zeros((0, 3), np.int64)
+        joined, built = None, 0
+        cache = None
+        if len(self.urls) >= SET_CACHE_MIN_SHARDS:
+            names = "\n".join([image_key, *(str(Path(u).resolve()) for u in self.urls)])
+            cache = _cache_root() / f"set-{hashlib.sha1(names.encode()).hexdigest()}.npz"
+            joined = _load_set(cache, signatures) if cache.is_file() else None
+        if joined is None:
+            indexes, built = index_shards(self.urls, image_key, progress)
+            joined = _join(indexes)
+            if cache is not None:
+                try:
+                    _save(cache, {**joined, "signatures": signatures})
+                except OSError as e:
+                    log.debug("cannot write the shard set's index %s (%s)", cache, e)
+        self.shard_of, self.keys, self.offsets = joined["shard_of"], joined["keys"], joined["offsets"]
+        self.sizes, self.image_sizes = joined["sizes"], joined["image_sizes"]
+        self.exts = [str(e) for e in joined["exts"]]
+        self.unreadable = 0
+        for s, error in enumerate(joined["errors"]):
+            if error:
+                self.unreadable += 1
                 log.warning("shard %s: not readable to its end (%s); its %d complete samples are used",
-                            url, index.error, len(index))  # fmt: skip
-        self.exts = sorted({e for ix in indexes for e in ix.exts})
-        col = {e: i for i, e in enumerate(self.exts)}
-        n = sum(len(ix) for ix in indexes)
-        self.shard_of = np.zeros(n, dtype=np.int32)
-        self.keys = np.concatenate([ix.keys for ix in indexes]) if n else np.zeros(0, dtype=str)
-        self.offsets = np.full((n, len(self.exts)), -1, dtype=np.int64)
-        self.sizes = np.zeros((n, len(self.exts)), dtype=np.int64)
-        self.image_sizes = np.zeros((n, 2), dtype=np.int32)
-        start = 0
-        for s, ix in enumerate(indexes):
-            rows = slice(start, start + len(ix))
-            self.shard_of[rows] = s
-            cols = [col[e] for e in ix.exts]
-            self.offsets[rows, cols], self.sizes[rows, cols] = ix.offsets, ix.sizes
-            self.image_sizes[rows] = ix.image_sizes
-            start += len(ix)
-        self.unreadable = errors
+                            self.urls[s], error, int((self.shard_of == s).sum()))  # fmt: skip
         self._files: dict[int, object] = {}
         log.info("indexed %d shards (%d built now, %d not readable to the end): %d samples",
-                 len(self.urls), built, errors, n)  # fmt: skip
+                 len(self.urls), built, self.unreadable, len(self.keys))  # fmt: skip
 
     def __len__(self) -> int:
         return len(self.keys)
