@@ -24,7 +24,7 @@ from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -249,17 +249,28 @@ def _load(path: Path, url: str, signature: np.ndarray) -> ShardIndex | None:
         return None
 
 
+def _index_paths(url: str) -> tuple[Path, Path]:
+    """Where a shard's index is stored: beside it, else (a read-only directory) in the cache."""
+    return Path(url + INDEX_SUFFIX), _cache_path(Path(url))
+
+
+def stored_index(url: str) -> ShardIndex | None:
+    """A shard's stored index when one was made from this very file, else None."""
+    signature = _signature(url)
+    for path in _index_paths(url):
+        if path.is_file() and (index := _load(path, url, signature)) is not None:
+            return index
+    return None
+
+
 def shard_index(url: str, image_key: str) -> tuple[ShardIndex, bool]:
     """A shard's index, from beside it or the cache, built and stored when missing or stale; and
     whether it was built now."""
-    shard = Path(url)
+    if (index := stored_index(url)) is not None:
+        return index, False
     signature = _signature(url)
-    beside, cached = Path(url + INDEX_SUFFIX), _cache_path(shard)
-    for path in (beside, cached):
-        if path.is_file() and (index := _load(path, url, signature)) is not None:
-            return index, False
     index = build_shard_index(url, image_key)
-    for path in (beside, cached):  # beside the shard when its directory is writable
+    for path in _index_paths(url):  # beside the shard when its directory is writable
         try:
             _save(path, _arrays(index, signature))
             break
@@ -271,16 +282,8 @@ def shard_index(url: str, image_key: str) -> tuple[ShardIndex, bool]:
 def index_shards(urls: Sequence[str], image_key: str, progress: bool = True) -> tuple[list[ShardIndex], int]:
     """Every shard's index, and how many were built now: stored ones loaded here, missing or stale
     ones built in a process per CPU (a header walk and an image-header read per sample)."""
-    indexes: list[ShardIndex | None] = [None] * len(urls)
-    missing = []
-    for i, url in enumerate(urls):
-        signature = _signature(url)
-        for path in (Path(url + INDEX_SUFFIX), _cache_path(Path(url))):
-            if path.is_file() and (index := _load(path, url, signature)) is not None:
-                indexes[i] = index
-                break
-        else:
-            missing.append(i)
+    indexes = [stored_index(url) for url in urls]
+    missing = [i for i, index in enumerate(indexes) if index is None]
     bar = tqdm(total=len(missing), desc="indexing shards", unit="shard", mininterval=2.0,
                disable=not progress or len(missing) < 8)  # fmt: skip
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -539,16 +542,15 @@ class IndexedStream(torch.utils.data.IterableDataset):
         bucket_of: np.ndarray,
         first: int = 0,
         samples_per_epoch: int | None = None,
-        plan: Callable[..., EpochPlan] = plan_epoch,
     ):
         self.table, self.decoder = table, decoder
         self.batch_size, self.epoch, self.seed = batch_size, epoch, seed
         self.buckets, self.bucket_of = buckets, bucket_of
-        self.first, self.samples_per_epoch, self.plan = first, samples_per_epoch, plan
+        self.first, self.samples_per_epoch = first, samples_per_epoch
 
     def epoch_plan(self, world: int) -> EpochPlan:
         n_buckets = len(self.buckets) if self.buckets else 1
-        return self.plan(self.table, self.bucket_of, n_buckets, world * self.batch_size, self.seed, self.epoch,
+        return plan_epoch(self.table, self.bucket_of, n_buckets, world * self.batch_size, self.seed, self.epoch,
                          self.samples_per_epoch)  # fmt: skip
 
     def substitute(self, plan: EpochPlan, k: int, slot: int, attempt: int) -> int:
