@@ -85,6 +85,110 @@ def output_dir_problem(path: str | Path) -> str | None:
     return None
 
 
+# ---- field checks: each returns what is wrong with one value (None when nothing is), so a UI can show
+# it beside the field and the command refuses the same values (validate_prep_config) -------------------
+
+CANNY_MAX = 255  # ControlNet's annotator range; higher thresholds (Canny's gradients go beyond) keep almost no edge
+CONTROL_SIZE_RANGE, CONTROL_SIZE_STEP = (64, 4096), 8
+DATASET_NAME_MAX = 100
+
+
+def _integral(v) -> bool:
+    """An integer, or a float holding one (UI sliders hand numbers over as floats); never a bool."""
+    return _is_int(v) or (isinstance(v, float) and v.is_integer())
+
+
+def canny_problems(low, high, blur) -> dict[str, str]:
+    """What is wrong with Canny's fields, keyed by field name (``low_threshold``, ``high_threshold``,
+    ``blur``); empty when all are fine. Thresholds are integers in 0..255 with low < high (equal ones
+    make Canny's hysteresis a single threshold, which is never what the user meant); blur is 0 (none)
+    or an odd Gaussian kernel size up to 255."""
+    problems = {}
+    for field, value in (("low_threshold", low), ("high_threshold", high)):
+        if not (_integral(value) and 0 <= value <= CANNY_MAX):
+            problems[field] = f"expected an integer in 0..{CANNY_MAX}"
+    if not problems and not low < high:
+        problems["high_threshold"] = f"expected more than low_threshold ({low:g})"
+    if not (_integral(blur) and (blur == 0 or (blur % 2 == 1 and 1 <= blur <= CANNY_MAX))):
+        problems["blur"] = f"expected 0 (no blur) or an odd kernel size in 1..{CANNY_MAX}"
+    return problems
+
+
+def control_size_problem(size) -> str | None:
+    """The short side images and hints are scaled to: None (keep the size) or a multiple of 8 (the
+    VAE's downsampling) in 64..4096."""
+    low, high = CONTROL_SIZE_RANGE
+    if size is None:
+        return None
+    if not (_integral(size) and low <= size <= high and size % CONTROL_SIZE_STEP == 0):
+        return f"expected a multiple of {CONTROL_SIZE_STEP} in {low}..{high}, or none to keep the size"
+    return None
+
+
+def dataset_name_problem(name) -> str | None:
+    """A dataset name becomes one directory name: no separators, nothing that climbs out ("..") or
+    hides (a leading dot), printable, at most 100 characters."""
+    if not isinstance(name, str) or not name:
+        return "expected a name"
+    if name != name.strip():
+        return "expected no leading or trailing spaces"
+    if "/" in name or "\\" in name:
+        return "expected no path separators (/ or \\)"
+    if ".." in name:
+        return "expected no '..'"
+    if name.startswith("."):
+        return "expected no leading dot (hidden)"
+    if not name.isprintable():
+        return "expected printable characters only"
+    if len(name) > DATASET_NAME_MAX:
+        return f"expected at most {DATASET_NAME_MAX} characters (got {len(name)})"
+    return None
+
+
+def readable_path_problem(path, kind: str = "dir") -> str | None:
+    """Why ``path`` cannot be read as ``kind`` ("dir", "file" or "any"); None when it can. A directory
+    must also be searchable (X), or its files cannot be opened."""
+    if kind not in ("dir", "file", "any"):
+        raise ValueError(f"kind={kind!r}: expected 'dir', 'file' or 'any'")
+    if path is None or not str(path).strip():
+        return "expected a path"
+    path = Path(path)
+    if not path.exists():
+        return f"no such file or directory: {path}"
+    if kind == "dir" and not path.is_dir():
+        return f"{path} is not a directory"
+    if kind == "file" and not path.is_file():
+        return f"{path} is not a file"
+    needed = os.R_OK | (os.X_OK if path.is_dir() else 0)
+    if not os.access(path, needed):
+        return f"permission denied: {path} is not readable"
+    return None
+
+
+def hint_problems(hint) -> dict[str, str]:
+    """``canny_problems`` of a hint config node (a mapping with ``_target_``) whose target is Canny,
+    with Canny's defaults for the fields it leaves out; other detectors have no fields checked here."""
+    if not str(hint.get("_target_", "")).endswith("hints.Canny"):
+        return {}
+    return canny_problems(hint.get("low_threshold", 100), hint.get("high_threshold", 200), hint.get("blur", 0))
+
+
+def check_hint_fields(c: _Checker, prefix: str) -> None:
+    """The hint block's fields by ``hint_problems``, each message naming its key."""
+    hint = OmegaConf.select(c.cfg, prefix, throw_on_missing=False, default=None)
+    if isinstance(hint, DictConfig):
+        for field, problem in hint_problems(hint).items():
+            c.errors.append(f"{prefix}.{field}={hint.get(field)!r}: {problem}")
+
+
+def check_problem(c: _Checker, key: str, problem_of: Callable[[Any], str | None]) -> None:
+    """``key`` checked by a field check; its message names the key and the value."""
+    value = OmegaConf.select(c.cfg, key, throw_on_missing=False, default=None)
+    problem = problem_of(value)
+    if problem:
+        c.errors.append(f"{key}={value!r}: {problem}")
+
+
 def check_output_dir(c: _Checker, key: str) -> None:
     """``key`` names a directory this job writes: it must be creatable and writable."""
     value = OmegaConf.select(c.cfg, key, throw_on_missing=False, default=None)
@@ -267,4 +371,7 @@ def validate_prep_config(cfg: DictConfig) -> None:
         check_target_arguments(c, "source")
     if mode in ("shards", "precompute", "encode"):
         check_target_arguments(c, "hint")
+        check_hint_fields(c, "hint")
+    if mode in ("shards", "encode"):  # precompute keeps the images' size
+        check_problem(c, "resolution", control_size_problem)
     c.raise_if_any("prep")

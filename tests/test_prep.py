@@ -102,13 +102,13 @@ def test_image_folder_with_sidecar_captions(tmp_path):
 def test_image_folder_with_fixed_caption_and_resize(tmp_path):
     root = tmp_path / "photos"
     for i in range(3):
-        save(root / f"{i}.jpg", picture(i, size=(96, 64)))
-    run_prep(prep_cfg(f"source.root={root}", "source.caption=a photo", f"out_dir={tmp_path / 'out'}", "resolution=32"))
+        save(root / f"{i}.jpg", picture(i, size=(192, 128)))
+    run_prep(prep_cfg(f"source.root={root}", "source.caption=a photo", f"out_dir={tmp_path / 'out'}", "resolution=64"))
     samples = read_out(tmp_path / "out")
     assert len(samples) == 3 and {s["txt"] for s in samples.values()} == {b"a photo"}
     meta = json.loads(next(iter(samples.values()))["json"])
-    assert meta["original_size"] == [96, 64] and meta["size"] == [48, 32]
-    assert decode(next(iter(samples.values()))["png"]).shape == (32, 48, 3)  # hint at the resized size
+    assert meta["original_size"] == [192, 128] and meta["size"] == [96, 64]
+    assert decode(next(iter(samples.values()))["png"]).shape == (64, 96, 3)  # hint at the resized size
 
 
 def test_metadata_jsonl_with_given_hints_and_custom_columns(tmp_path):

@@ -117,3 +117,32 @@ def test_a_cancelled_encode_keeps_no_partial_shard_and_resumes(tmp_path):
     assert not list(out.glob("*.tar")) and not [p for p in out.iterdir() if ".tmp-" in p.name]
     resumed = PrepJob(prep_cfg(*args)).run()
     assert resumed["complete"] and resumed["written"] == 10 and not resumed["cancelled"]
+
+
+def test_cancel_after_two_shards_then_resume_lists_every_sample_once(tmp_path):
+    root = photos(tmp_path / "photos", 40)
+    out = tmp_path / "out"
+    args = [f"source.root={root}", f"out_dir={out}", "shard_size=5", "workers=1",
+            "hint._target_=tests.test_prep_job.SlowCanny"]  # fmt: skip
+    asked = []
+
+    def cancel_after_two(p):
+        if p.units_done == 2 and not asked:
+            asked.append(time.monotonic())
+            job.cancel()
+
+    job = PrepJob(prep_cfg(*args), cancel_after_two)
+    summary = job.run()
+    assert summary["cancelled"] and not summary["complete"] and summary["written"] == 10
+    assert time.monotonic() - asked[0] < 5  # stops within seconds
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["shards"]] == ["data-000000.tar", "data-000001.tar"]
+    assert sorted(p.name for p in out.glob("*.tar")) == ["data-000000.tar", "data-000001.tar"]  # no partial one
+
+    resumed = PrepJob(prep_cfg(*args)).run()
+    assert resumed["complete"] and resumed["written"] == 30
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["name"] for s in manifest["shards"]] == [f"data-{i:06d}.tar" for i in range(8)]
+    samples = read_out(out)  # fails on a key seen twice
+    assert sorted(samples) == [f"{i:09d}" for i in range(40)] and manifest["num_samples"] == 40
+    assert sorted(s["txt"] for s in samples.values()) == sorted(f"photo {i}".encode() for i in range(40))

@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
+import numpy as np
 import torch
 from diffusers import ControlNetModel, UNet2DConditionModel
 from hydra.utils import instantiate
@@ -50,9 +52,14 @@ def load_hints(cfg: DictConfig, resolution: int, channels: int) -> torch.Tensor:
         if not cfg.get("hint"):
             raise ValueError("images=[...] needs hint=<detector> (e.g. hint=canny) to compute the hints")
         detector = instantiate(cfg.hint)
-        images = [prepare_image(read_file(p, "images"), resolution) for p in cfg.images]
-        return torch.stack([hint_to_tensor(detector(image)[0], channels) for image in images])
+        return torch.stack([detect_hint(read_file(p, "images"), detector, resolution, channels) for p in cfg.images])
     raise ValueError("nothing to generate: give hints=[...] or images=[...] with hint=canny")
+
+
+def detect_hint(image: bytes | Image.Image, detector, resolution: int, channels: int) -> torch.Tensor:
+    """The hint of one source image: center-cropped as the training loader does, then the detector
+    (as on-the-fly hints are computed after augmentation); float [0, 1] CHW."""
+    return hint_to_tensor(detector(prepare_image(image, resolution))[0], channels)
 
 
 def broadcast_prompts(prompts: list[str], n: int) -> list[str]:
@@ -120,28 +127,51 @@ def load_sampler(cfg: DictConfig) -> Sampler:
     return Sampler(pipe, meta, hint_channels, resolution, device, dtype)
 
 
+def sample_batches(
+    loaded: Sampler,
+    prompts: list[str],
+    hints: torch.Tensor,
+    *,
+    batch_size: int,
+    seed: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+    control_scale: float,
+    negative_prompt: str | None = None,
+    guess_mode: bool = False,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(index of the batch's first hint, its images) for ``hints`` in batches of ``batch_size``, the
+    batch at ``start`` seeded ``seed + start``: what controlnet-generate and the UI both sample."""
+    for start in tqdm(range(0, len(hints), batch_size), desc="generate", unit="batch"):
+        images = sample(
+            loaded.pipe,
+            prompts[start : start + batch_size],
+            hints[start : start + batch_size],
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            control_scale=control_scale,
+            seed=seed + start,
+            dtype=loaded.dtype,
+            negative_prompt=negative_prompt,
+            guess_mode=guess_mode,
+        )
+        yield start, images
+
+
 def generate(cfg: DictConfig) -> list[Path]:
     loaded = load_sampler(cfg)
-    pipe, dtype = loaded.pipe, loaded.dtype
     hints = load_hints(cfg, loaded.resolution, loaded.hint_channels)
     prompts = broadcast_prompts(cfg.prompts, len(hints))
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written, rows = [], []
-    bs = int(cfg.batch_size)
-    for start in tqdm(range(0, len(hints), bs), desc="generate", unit="batch"):
-        images = sample(
-            pipe,
-            prompts[start : start + bs],
-            hints[start : start + bs],
-            num_inference_steps=cfg.num_inference_steps,
-            guidance_scale=cfg.guidance_scale,
-            control_scale=cfg.control_scale,
-            seed=int(cfg.seed) + start,
-            dtype=dtype,
-            negative_prompt=cfg.negative_prompt,
-            guess_mode=bool(cfg.get("guess_mode", False)),
-        )
+    batches = sample_batches(
+        loaded, prompts, hints, batch_size=int(cfg.batch_size), seed=int(cfg.seed),
+        num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+        control_scale=cfg.control_scale, negative_prompt=cfg.negative_prompt,
+        guess_mode=bool(cfg.get("guess_mode", False)),
+    )  # fmt: skip
+    for start, images in batches:
         for i, image in enumerate(images):
             path = out_dir / f"{start + i:05d}.png"
             with atomic_path(path) as tmp:

@@ -27,15 +27,18 @@ from nemo_controlnet.prep.shards import (
     is_complete,
     resolve_task,
     shard_name,
+    skipped_files,
     write_manifest,
 )
 from nemo_controlnet.prep.writer import Cancelled, SampleProcessor, summarize, write_units
 
 log = logging.getLogger(__name__)
 
+
 class PrepJob(JobControl):
     """One run of ``controlnet-prep``: ``run()`` returns the summary (``cancelled: true`` when
-    ``cancel()`` stopped it; re-running the same config then resumes from the complete shards)."""
+    ``cancel()`` stopped it; re-running the same config then resumes from the complete shards).
+    ``skipped_files`` (from ``JobControl``) lists the samples left out so far, for a UI to poll."""
 
     def __init__(self, cfg: DictConfig, progress: ProgressCallback | None = None):
         super().__init__(progress)
@@ -101,6 +104,8 @@ def make_shards(cfg: DictConfig, job: JobControl) -> dict:
         "task %d/%d: %d of %d shards are this task's, %d already complete, %d to write with %d worker(s)",
         task_index, num_tasks, len(mine), len(units), len(mine) - len(todo), len(todo), cfg.workers,
     )  # fmt: skip
+    # A resumed job lists what its earlier runs skipped too (the shards it keeps).
+    job.add_skipped(skipped_files(out_dir, [shard_name(cfg.prefix, i) for i in sorted(set(mine) - set(todo))]))
     sizes = [len(units[i]) if isinstance(units[i], list) else None for i in todo]
     total = None if None in sizes else sum(sizes)
     written, skipped, converted, done = 0, Counter(), Counter(), 0
@@ -114,6 +119,7 @@ def make_shards(cfg: DictConfig, job: JobControl) -> dict:
                 written += stats["num_samples"]
                 skipped.update(stats["skipped"])
                 converted.update(stats["converted"])
+                job.add_skipped(stats["skipped_files"])
                 done += 1
                 job.report("shards", done, len(todo), written + sum(skipped.values()), total, written,
                            sum(skipped.values()))  # fmt: skip

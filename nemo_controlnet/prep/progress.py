@@ -48,6 +48,19 @@ class JobControl:
         self._progress = progress
         self._cancel = threading.Event()
         self._start = time.monotonic()
+        self._skipped: list[tuple[str, str]] = []
+        self._skipped_lock = threading.Lock()  # the job's thread appends while a UI's thread reads
+
+    @property
+    def skipped_files(self) -> list[tuple[str, str]]:
+        """``(source, reason)`` of the samples left out so far (earlier runs' complete outputs included),
+        a snapshot safe to take from any thread; it grows as shards (images, for precompute) finish."""
+        with self._skipped_lock:
+            return list(self._skipped)
+
+    def add_skipped(self, entries) -> None:
+        with self._skipped_lock:
+            self._skipped.extend((str(source), str(reason)) for source, reason, *_ in entries)
 
     def cancel(self) -> None:
         self._cancel.set()

@@ -21,6 +21,7 @@ from nemo_controlnet.io import write_json_atomic
 
 STATE_DIR = ".prep"
 MANIFEST = "manifest.json"
+SKIPPED_FILES_CAP = 1000  # skipped samples listed by file per shard's stats; beyond it only counted
 
 
 def shard_name(prefix: str, index: int) -> str:
@@ -41,6 +42,24 @@ def read_stats(out_dir: Path, name: str) -> dict:
 
 def write_stats(out_dir: Path, name: str, stats: dict) -> None:
     write_json_atomic(stats_path(out_dir, name), stats)
+
+
+def complete_shards(out_dir: Path) -> list[str]:
+    """The names of the complete shards in ``out_dir``, sorted, whatever plan or task wrote them."""
+    state = Path(out_dir) / STATE_DIR
+    names = (p.name[: -len(".json")] for p in state.glob("*.tar.json")) if state.is_dir() else ()
+    return sorted(n for n in names if is_complete(Path(out_dir), n))
+
+
+def skipped_files(out_dir: Path, names: list[str] | None = None) -> list[tuple[str, str]]:
+    """``(source, reason)`` of every sample the complete shards (or those ``names``) left out, in shard
+    order, as their stats list them (up to ``SKIPPED_FILES_CAP`` per shard; ``skipped`` counts all).
+    Read from disk, so a resumed job's earlier shards are included."""
+    out = []
+    for name in complete_shards(out_dir) if names is None else names:
+        if is_complete(Path(out_dir), name):
+            out += [(source, reason) for source, reason, *_ in read_stats(Path(out_dir), name).get("skipped_files", [])]
+    return out
 
 
 def check_params(out_dir: Path, params: dict, overwrite: bool) -> None:

@@ -9,6 +9,7 @@ import random
 import signal
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -18,8 +19,8 @@ from PIL import Image
 from nemo_controlnet.data.decode import BadSample, decode_caption, load_hint, load_image
 from nemo_controlnet.data.hints import MissingConditioning
 from nemo_controlnet.io import atomic_path, ensure_space
-from nemo_controlnet.prep.shards import encode, shard_name, stats_path, write_stats
-from nemo_controlnet.prep.sources import RawSample
+from nemo_controlnet.prep.shards import SKIPPED_FILES_CAP, encode, shard_name, stats_path, write_stats
+from nemo_controlnet.prep.sources import RawSample, Record
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,19 @@ def resize_short_side(image: Image.Image, size: int | None) -> Image.Image:
         return image
     scale = size / min(image.size)
     return image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.BICUBIC)
+
+
+@dataclass
+class Processed:
+    """One sample as prep computed it, before its members are encoded."""
+
+    key: str
+    source: str
+    image: Image.Image  # RGB, resized
+    hint: Image.Image  # what the hint detector returned (Canny: L)
+    caption: str
+    meta: dict  # the ``json`` member: source, sizes, the hint's parameters
+    conversions: list[str]
 
 
 class SampleProcessor:
@@ -51,7 +65,9 @@ class SampleProcessor:
         self.jpeg_quality, self.resolution, self.seed = jpeg_quality, resolution, seed
         self.caption_required = caption_required
 
-    def __call__(self, raw: RawSample) -> tuple[dict, list[str]]:
+    def process(self, raw: RawSample) -> Processed:
+        """Decode, resize and compute the hint: the pixels prep writes, before encoding (a preview shows
+        these, so what it shows is what the shards get)."""
         image, converted = load_image(raw.image, "image")
         conversions = [converted] if converted else []
         conditioning = None
@@ -77,18 +93,50 @@ class SampleProcessor:
             "hint": hint_params,
             **raw.extra,
         }
+        return Processed(raw.key, raw.source, image, hint, caption, meta, conversions)
+
+    def __call__(self, raw: RawSample) -> tuple[dict, list[str]]:
+        p = self.process(raw)
         sample = {
-            "__key__": raw.key,
-            self.image_key: encode(image, self.image_key, self.jpeg_quality),
-            self.hint_key: encode(hint, self.hint_key, self.jpeg_quality),
-            self.caption_key: caption,
-            "json": meta,
+            "__key__": p.key,
+            self.image_key: encode(p.image, self.image_key, self.jpeg_quality),
+            self.hint_key: encode(p.hint, self.hint_key, self.jpeg_quality),
+            self.caption_key: p.caption,
+            "json": p.meta,
         }
-        return sample, conversions
+        return sample, p.conversions
 
 
 class Cancelled(Exception):
     """The job was cancelled; what was being written is gone, complete shards stay."""
+
+
+class SkipLog:
+    """One shard's skipped samples: counted by reason, the first ``SKIPPED_FILES_CAP`` listed with their
+    file (``[source, reason, detail]``) for a UI's list; the rest only counted, so a folder of broken
+    files cannot bloat the stats."""
+
+    def __init__(self, unit):
+        self.unit, self.counts, self.files, self.left_out = unit, Counter(), [], 0
+        self._images: dict[str, str] | None = None
+
+    def add(self, source: str, reason: str, detail: str) -> None:
+        self.counts[reason] += 1
+        if len(self.files) < SKIPPED_FILES_CAP:
+            self.files.append([source, reason, detail])
+        else:
+            self.left_out += 1
+
+    def add_bad(self, bad: BadSample) -> None:
+        """A sample the source could not read: the source names it only by key, the unit by file."""
+        self.add(self._source_of(getattr(bad, "key", None) or "-"), bad.reason, bad.detail)
+
+    def _source_of(self, key: str) -> str:
+        if isinstance(self.unit, str):  # an input shard: its samples are members
+            return f"{self.unit}:{key}"
+        if self._images is None:  # a list of records: the key's image file
+            self._images = {r.key: r.image for r in self.unit if isinstance(r, Record)}
+        return self._images.get(key) or key
 
 
 def write_unit(
@@ -101,7 +149,7 @@ def write_unit(
     name = shard_name(prefix, index)
     stats_path(out_dir, name).unlink(missing_ok=True)  # until rewritten, this shard is incomplete
     start = time.time()
-    written, skipped, converted = 0, Counter(), Counter()
+    written, skips, converted = 0, SkipLog(unit), Counter()
     largest = max((p.stat().st_size for p in out_dir.glob("*.tar")), default=0)
     if largest:  # the next shard is about as large as the largest so far: fail now, not half-way through it
         ensure_space(out_dir / name, largest)
@@ -111,17 +159,17 @@ def write_unit(
                 if should_stop is not None and should_stop():
                     raise Cancelled(name)
                 if isinstance(raw, BadSample):
-                    skipped[raw.reason] += 1
+                    skips.add_bad(raw)
                     log.warning("%s: skipped %s", name, raw)
                     continue
                 try:
                     sample, conversions = processor(raw)
                 except BadSample as e:
-                    skipped[e.reason] += 1
+                    skips.add(raw.source, e.reason, e.detail)
                     log.warning("%s: skipped %s: %s", name, raw.source, e)
                     continue
                 except Exception as e:  # a bug or an odd file must cost one sample, not the job
-                    skipped[f"error_{type(e).__name__}"] += 1
+                    skips.add(raw.source, f"error_{type(e).__name__}", str(e))
                     log.exception("%s: skipped %s: unexpected %s", name, raw.source, e)
                     continue
                 sink.write(sample)
@@ -130,7 +178,9 @@ def write_unit(
     stats = {
         "name": name,
         "num_samples": written,
-        "skipped": dict(skipped),
+        "skipped": dict(skips.counts),
+        "skipped_files": skips.files,
+        "skipped_files_left_out": skips.left_out,
         "converted": dict(converted),
         "seconds": round(time.time() - start, 3),
     }
