@@ -289,6 +289,12 @@ def test_the_saved_command_line_reproduces_the_dataset(workspace, tmp_path):
         return found
 
     assert members(again) == members(out)
+    # The saved config runs as it is, too (its own primary config).
+    third = tmp_path / "third"
+    command = [sys.executable, "-m", "nemo_controlnet.cli.prep", f"--config-dir={out}", "--config-name=prep_config",
+               f"out_dir={third}"]  # fmt: skip
+    subprocess.run(command, check=True, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True)
+    assert members(third) == members(out)
 
 
 def test_a_tiny_run_shows_its_loss_curve_and_a_grid(browser, workspace):

@@ -85,8 +85,12 @@ def test_saved_settings_are_the_config_the_job_ran(roots, tmp_path):
     cfg = ds.compose_prep(overrides)
     out = ds.output_dir(good, roots)
     ds.save_settings(out, cfg, overrides, good, roots)
-    assert OmegaConf.load(out / ds.PREP_CONFIG) == cfg
+    saved = OmegaConf.load(out / ds.PREP_CONFIG)
+    assert saved.hydra.run.dir.startswith(f"{out}/.prep-logs/")
+    del saved["hydra"]
+    assert saved == cfg
     assert (out / ds.PREP_COMMAND).read_text().startswith("controlnet-prep ")
+    assert (out / ds.TRAIN_COMMAND).read_text() == f"controlnet-train data=shards data.shards={out}\n"
     listed = ds.list_datasets(roots)
     assert [d["path"] for d in listed] == [str(out)]
     assert listed[0]["train_overrides"][0] == "data=shards"

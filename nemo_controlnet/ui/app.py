@@ -15,8 +15,8 @@ from nemo_controlnet.config import ConfigError
 from nemo_controlnet.data.decode import BadSample
 from nemo_controlnet.ui import datasets as ds
 from nemo_controlnet.ui.generation import Generator
-from nemo_controlnet.ui.paths import Roots
 from nemo_controlnet.ui.overrides import ProblemsError, run_overrides
+from nemo_controlnet.ui.paths import Roots
 from nemo_controlnet.ui.runs import RunManager
 
 log = logging.getLogger(__name__)

@@ -35,7 +35,7 @@ LAYOUTS = ("folder", "metadata_jsonl", "prompt_json", "shards")  # conf/source/<
 CONTROL_TYPES = ("canny", "given")  # conf/hint/<type>.yaml
 HINT_LAYOUTS = ("shards", "folder")  # tar shards + manifest | <root>/canny/<stem>_canny.png (mode=precompute)
 DATASET_RECORD = "dataset.json"  # beside a dataset the UI made: its prep and training overrides
-PREP_CONFIG, PREP_COMMAND = "prep_config.yaml", "prep_command.txt"
+PREP_CONFIG, PREP_COMMAND, TRAIN_COMMAND = "prep_config.yaml", "prep_command.txt", "train_command.txt"
 
 
 @dataclass
@@ -179,13 +179,19 @@ def compose_prep(overrides: list[str]) -> DictConfig:
 
 
 def save_settings(out: Path, cfg: DictConfig, overrides: list[str], form: DatasetForm, roots: Roots) -> None:
-    """The exact prep config, its command line and the training overrides, beside the output."""
+    """The exact prep config (``controlnet-prep --config-dir <out> --config-name prep_config`` runs it),
+    its command line (the same from the packaged configs), and the training command that reads it."""
     out.mkdir(parents=True, exist_ok=True)
+    saved = OmegaConf.create(OmegaConf.to_container(cfg))
+    # Run from this file, the command logs beside the output as it does from its own config.
+    saved.hydra = {"run": {"dir": f"{out}/.prep-logs/${{now:%Y%m%d-%H%M%S}}-cli"}, "output_subdir": None}
     with atomic_path(out / PREP_CONFIG) as tmp:
-        OmegaConf.save(cfg, tmp)
+        OmegaConf.save(saved, tmp)
     command = "controlnet-prep " + " ".join(shlex.quote(o) for o in overrides)
-    with atomic_path(out / PREP_COMMAND) as tmp:
-        Path(tmp).write_text(command + "\n")
+    train = "controlnet-train " + " ".join(shlex.quote(o) for o in train_overrides(form, roots))
+    for name, text in ((PREP_COMMAND, command), (TRAIN_COMMAND, train)):
+        with atomic_path(out / name) as tmp:
+            Path(tmp).write_text(text + "\n")
     record = {"name": form.name or roots.resolve(form.source).name, "layout": form.layout,
               "hint_layout": form.hint_layout, "prep_overrides": overrides,
               "train_overrides": train_overrides(form, roots), "prep_command": command,
