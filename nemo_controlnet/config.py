@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable
 
@@ -292,6 +293,130 @@ def validate_model_config(cfg: DictConfig, prefix: str = "model") -> None:
     c.raise_if_any("model")
 
 
+HF_KEYS = ("path", "split", "image_column", "conditioning_image_column", "caption_column")
+HF_SOURCE = "nemo_controlnet.prep.hf_source.HfDatasetSource"
+
+
+def check_hf_dataset(c: _Checker, prefix: str) -> None:
+    """A Hugging Face dataset block (``data.hf``, or ``source`` with source=hf_dataset): a path that
+    exists (or a glob), a split, column names (conditioning and caption may be null). The columns
+    themselves are checked when the dataset is opened (``data/hf.py``), naming the ones there are."""
+    c.check(f"{prefix}.path", lambda v: isinstance(v, str) and v.strip(), "a save_to_disk directory, parquet or "
+            "arrow files (a file, a directory or a glob), or an image folder")  # fmt: skip
+    path = OmegaConf.select(c.cfg, f"{prefix}.path", throw_on_missing=False, default=None)
+    if isinstance(path, str) and path.strip() and not any(ch in path for ch in "*?["):
+        check_problem(c, f"{prefix}.path", lambda v: readable_path_problem(v, "any"))
+    c.check(f"{prefix}.split", lambda v: isinstance(v, str) and v.strip(), "a split name such as train")
+    c.check(f"{prefix}.image_column", lambda v: isinstance(v, str) and v, "a column name")
+    for key in ("conditioning_image_column", "caption_column"):
+        c.check(f"{prefix}.{key}", lambda v: isinstance(v, str) and v, "a column name or null", required=False)
+
+
+def check_hf_training_data(c: _Checker) -> None:
+    """``data.hf`` (data=hf_dataset): the block, its keys, and hints it can have."""
+    block = OmegaConf.select(c.cfg, "data.hf", throw_on_missing=False, default=None)
+    if not isinstance(block, DictConfig):
+        return
+    check_hf_dataset(c, "data.hf")
+    for key in block.keys():
+        if key not in HF_KEYS:
+            hint = _suggest("data.hf", key, HF_KEYS)
+            c.errors.append(f"data.hf.{key}: not a key of data.hf (keys: {list(HF_KEYS)}){hint}")
+    if block.get("conditioning_image_column") is None and not OmegaConf.select(c.cfg, "data.hint.on_the_fly"):
+        c.errors.append("data.hf.conditioning_image_column=null: without a conditioning column the hints are "
+                        "computed; set data.hint.on_the_fly=true")  # fmt: skip
+
+
+def check_hf_prep_source(c: _Checker) -> None:
+    """source=hf_dataset: the block (its keys are the source's arguments: ``check_target_arguments``), and
+    hint=given only with a conditioning column."""
+    if OmegaConf.select(c.cfg, "source._target_", throw_on_missing=False, default=None) != HF_SOURCE:
+        return
+    check_hf_dataset(c, "source")
+    given = str(OmegaConf.select(c.cfg, "hint._target_", default="")).endswith("hints.Given")
+    if given and OmegaConf.select(c.cfg, "source.conditioning_image_column", throw_on_missing=False) is None:
+        c.errors.append("hint=given: the hints are the conditioning column's images, but source."
+                        "conditioning_image_column=null; name the column, or compute hints (hint=canny)")  # fmt: skip
+
+
+LOGGERS = ("tensorboard", "csv", "wandb")  # report_to's names; "all": every one installed, "none": no logger
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}(/[A-Za-z0-9][\w.-]{0,95})?$")  # a Hub repo id: [owner/]name
+
+
+def installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def _logger_names(value, key: str) -> list[str]:
+    """A ``report_to`` (or ``logger``) value as logger names: one name, ``all`` (tensorboard, csv and, when
+    it is installed, wandb: what accelerate's ``all`` means), ``none``, a comma-separated string or a list."""
+    items = [value] if isinstance(value, (str, bool, int, float)) else list(value)
+    names = [n.strip() for item in items for n in str(item).split(",") if n.strip()]
+    if names == ["none"]:
+        return []
+    if names == ["all"]:
+        return [n for n in LOGGERS if n != "wandb" or installed("wandb")]
+    if not names or any(n not in LOGGERS for n in names):
+        raise ConfigError(f"{key}={value!r}: expected tensorboard, csv, wandb, all or none (or a list of the first "
+                          "three)")  # fmt: skip
+    return [n for n in LOGGERS if n in names]
+
+
+def report_to(cfg: DictConfig) -> list[str]:
+    """The run's loggers: ``report_to`` (diffusers' argument), else ``logger`` (its older name here), else
+    tensorboard. Both set to different loggers is an error naming both."""
+    chosen = {}
+    for key in ("report_to", "logger"):
+        value = OmegaConf.select(cfg, key, throw_on_missing=False, default=None)
+        if value is not None:
+            chosen[key] = (value, _logger_names(value, key))
+    if len(chosen) == 2 and chosen["report_to"][1] != chosen["logger"][1]:
+        raise ConfigError(f"report_to={chosen['report_to'][0]!r} and logger={chosen['logger'][0]!r} disagree: set "
+                          "one of them (logger is the older name of report_to)")  # fmt: skip
+    return next(iter(chosen.values()))[1] if chosen else ["tensorboard"]
+
+
+def check_diffusers_keys(c: _Checker) -> None:
+    """The keys named after the diffusers training script's arguments (docs/diffusers_arguments.md)."""
+    cfg = c.cfg
+    try:
+        names = report_to(cfg)
+    except ConfigError as e:
+        c.errors.append(str(e))
+        names = []
+    if "wandb" in names and not installed("wandb"):
+        key = "report_to" if OmegaConf.select(cfg, "report_to", default=None) is not None else "logger"
+        c.errors.append(f"{key}={OmegaConf.select(cfg, key)!r}: Weights & Biases is not installed (pip install "
+                        "wandb), or report to tensorboard or csv")  # fmt: skip
+    if "wandb" in names:
+        c.check("wandb.mode", lambda v: v in ("offline", "online"), "offline or online", required=False)
+    c.check("tracker_project_name", lambda v: isinstance(v, str) and v.strip() and "/" not in v and v not in
+            (".", ".."), "a project name (no /)", required=False)  # fmt: skip
+    c.check("data.max_train_samples", _pos_int, "a positive integer, or null for every sample", required=False)
+    c.check("validation.num_images", _pos_int, "a positive integer (images per validation hint)", required=False)
+    c.check("optim.lr_num_cycles", _pos_int, "a positive integer (cosine_with_restarts' cycles)", required=False)
+    c.check("optim.lr_power", lambda v: _number(v) and v > 0, "a number > 0 (polynomial's power)", required=False)
+    for key in ("optim.set_grads_to_none", "optim.use_8bit_adam", "export.push_to_hub"):
+        c.check(key, lambda v: isinstance(v, bool), "true or false", required=False)
+    if OmegaConf.select(cfg, "optim.use_8bit_adam") is True:
+        accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto"))
+        import torch
+
+        if accelerator == "cpu" or not torch.cuda.is_available():
+            c.errors.append(f"optim.use_8bit_adam=true: 8-bit Adam needs CUDA (bitsandbytes' AdamW8bit); this run is "
+                            f"on the CPU (trainer.accelerator={accelerator}, CUDA available: "
+                            f"{torch.cuda.is_available()}); set optim.use_8bit_adam=false")  # fmt: skip
+        elif not installed("bitsandbytes"):
+            c.errors.append("optim.use_8bit_adam=true: bitsandbytes is not installed (pip install bitsandbytes)")
+    for key in ("export.hub_model_id", "export.base_model_id"):
+        c.check(key, lambda v: isinstance(v, str) and HUB_ID.match(v), "a Hub repo id such as you/controlnet-canny",
+                required=False)  # fmt: skip
+    if OmegaConf.select(cfg, "export.push_to_hub") is True and OmegaConf.select(cfg, "export.enabled") is False:
+        c.errors.append("export.push_to_hub=true uploads what the run exports: set export.enabled=true")
+
+
 def validate_train_config(cfg: DictConfig) -> None:
     c = _Checker(cfg)
     c.check("run_dir", lambda v: isinstance(v, str) and v.strip(), "a directory path")
@@ -299,9 +424,11 @@ def validate_train_config(cfg: DictConfig) -> None:
     c.check("resume", lambda v: isinstance(v, bool), "true or false")
     c.check("seed", _is_int, "an integer")
     check_model(c)
-    sources = [k for k in ("shards", "datasets", "folder") if OmegaConf.select(cfg, f"data.{k}") is not None]
+    sources = [k for k in ("shards", "datasets", "folder", "hf") if OmegaConf.select(cfg, f"data.{k}") is not None]
     if len(sources) != 1:
-        c.errors.append(f"data: set exactly one of data.shards, data.datasets, data.folder (set: {sources or 'none'})")
+        c.errors.append(f"data: set exactly one of data.shards, data.datasets, data.folder, data.hf (set: "
+                        f"{sources or 'none'})")  # fmt: skip
+    check_hf_training_data(c)
     c.check("data.augment.crop", lambda v: v in ("center", "random"), "center or random", required=False)
     c.check("data.augment.hflip", lambda v: _number(v) and 0 <= v <= 1, "a probability in [0, 1]", required=False)
     if OmegaConf.select(cfg, "data.resampled"):
@@ -338,7 +465,7 @@ def validate_train_config(cfg: DictConfig) -> None:
     c.check("perf.cpu_threads", lambda v: v == "auto" or _pos_int(v), "auto or a positive integer", required=False)
     c.check("validation.every_n_steps", _nonneg_int, "an integer >= 0 (0: only at the end)")
     c.check("validation.num_samples", _nonneg_int, "an integer >= 0")
-    c.check("logger", lambda v: v in {"tensorboard", "csv", "none"}, "tensorboard, csv or none")
+    check_diffusers_keys(c)  # report_to (logger), the 8-bit Adam, scheduler, hub and sample keys
     c.check("export.dtype", lambda v: v in ("fp16", "bf16", "fp32"), "fp16, bf16 or fp32", required=False)
     hint_encoder = OmegaConf.select(cfg, "model.control_stage_config.conditioning_embedding_out_channels")
     pretrained = OmegaConf.select(cfg, "model.control_stage_config.pretrained")
@@ -355,6 +482,41 @@ def validate_train_config(cfg: DictConfig) -> None:
     c.raise_if_any("training")
 
 
+CAPTION_MODES = ("missing", "overwrite", "prefix")
+CAPTION_DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+def check_caption(c: _Checker, mode) -> None:
+    """The ``caption:`` block of controlnet-prep (prep/caption.py), when ``caption.model`` is set."""
+    model = OmegaConf.select(c.cfg, "caption.model", throw_on_missing=False, default=None)
+    if model is None:
+        return
+    if mode != "shards":
+        c.errors.append(f"caption.model={model!r}: captioning runs in mode=shards only (mode={mode})")
+        return
+    problem = readable_path_problem(model, "dir")
+    if problem is None and not (Path(model) / "config.json").is_file():
+        problem = "not a model directory (no config.json)"
+    if problem:
+        c.errors.append(f"caption.model={model!r}: {problem}")
+    c.check("caption.mode", lambda v: v in CAPTION_MODES, f"one of {list(CAPTION_MODES)}")
+    for key in ("prefix", "suffix", "separator"):
+        c.check(f"caption.{key}", lambda v: isinstance(v, str), "a string", required=False)
+    c.check("caption.prompt", lambda v: isinstance(v, str), "a string, or null for none", required=False)
+    for key in ("keep_prompt", "trust_remote_code"):
+        c.check(f"caption.{key}", lambda v: isinstance(v, bool), "true or false", required=False)
+    for key in ("batch_size", "max_new_tokens", "num_beams"):
+        c.check(f"caption.{key}", _pos_int, "a positive integer")
+    c.check("caption.dtype", lambda v: v in CAPTION_DTYPES, f"one of {list(CAPTION_DTYPES)}")
+    c.check("caption.reader_threads", lambda v: v == "auto" or _pos_int(v), "auto or a positive integer",
+            required=False)  # fmt: skip
+    c.check(
+        "caption.device",
+        lambda v: v in ("auto", "cpu", "cuda", "mps") or (v.startswith("cuda:") and v[5:].isdigit()),
+        "auto, cpu, cuda, cuda:N or mps",
+    )
+
+
 def validate_prep_config(cfg: DictConfig) -> None:
     """controlnet-prep (prep/job.py): the mode, where the output goes, the pass-through blocks."""
     c = _Checker(cfg)
@@ -369,9 +531,11 @@ def validate_prep_config(cfg: DictConfig) -> None:
     c.check("workers", _nonneg_int, "an integer >= 0")
     if mode == "shards":  # the modes that instantiate these blocks (prep/job.py, prep/encode.py)
         check_target_arguments(c, "source")
+        check_hf_prep_source(c)
     if mode in ("shards", "precompute", "encode"):
         check_target_arguments(c, "hint")
         check_hint_fields(c, "hint")
     if mode in ("shards", "encode"):  # precompute keeps the images' size
         check_problem(c, "resolution", control_size_problem)
+    check_caption(c, mode)
     c.raise_if_any("prep")

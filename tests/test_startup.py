@@ -36,6 +36,8 @@ HELP_GROUPS = {
     "eval": ["model"],
     "export": [],
     "synth": [],
+    "init": ["model"],
+    "migrate": [],
 }
 
 

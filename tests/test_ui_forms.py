@@ -75,6 +75,8 @@ def test_a_good_form_has_no_problems_and_composes_the_commands_config(roots, tmp
     assert cfg.source._target_.endswith("ImageFolder") and cfg.source.caption == "a photo, with a comma"
     assert (cfg.hint.low_threshold, cfg.hint.high_threshold, cfg.hint.blur) == (50, 150, 3)
     assert (cfg.resolution, cfg.shard_size) == (256, 7)
+    hf = ds.compose_prep(ds.prep_overrides(form(tmp_path, layout="hf_dataset"), roots))
+    assert hf.source._target_.endswith("HfDatasetSource") and hf.source.conditioning_image_column is None
     folder = ds.compose_prep(ds.prep_overrides(form(tmp_path, hint_layout="folder"), roots))
     assert folder.mode == "precompute" and folder.source.root == str((tmp_path / "data" / "photos").resolve())
 

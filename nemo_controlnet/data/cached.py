@@ -27,7 +27,7 @@ def cached_encoding(data_cfg: DictConfig) -> dict | None:
     """``params.encoded`` of the training shards' manifests, after checking that the data config can
     use them: every source cached (or none), the same encoders, the same resolution, no random
     geometry and no hint regeneration. None when the shards carry no cached encodings."""
-    if data_cfg.get("folder"):
+    if data_cfg.get("folder") or data_cfg.get("hf"):  # images, never cached encodings
         return None
     specs = [d.shards for d in data_cfg.datasets] if data_cfg.get("datasets") else [data_cfg.shards]
     found = []

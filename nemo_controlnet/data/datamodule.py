@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from nemo_controlnet.data.decode import read_file, retain_heap
 from nemo_controlnet.data.indexed import FolderSet, IndexedStream, SampleTable, ShardSet, buckets_for, is_local
+from nemo_controlnet.data.subset import first_of_sources, first_of_table, log_limit
 from nemo_controlnet.data.transforms import normalize_hint, prepare_hint
 from nemo_controlnet.data.webdataset import (
     EpochStream,
@@ -67,7 +68,14 @@ def make_decoder(
 
 
 def make_sources(data_cfg: DictConfig) -> list[tuple[object, float]]:
-    """(source, weight) pairs: ``data.folder``, or weighted ``data.datasets``, or ``data.shards``."""
+    """(source, weight) pairs: ``data.folder``, ``data.hf``, or weighted ``data.datasets``, or ``data.shards``."""
+    if data_cfg.get("hf"):
+        from nemo_controlnet.data.hf import HfSource
+
+        on_the_fly = bool((data_cfg.get("hint") or {}).get("on_the_fly", False))
+        hf = OmegaConf.to_container(data_cfg.hf, resolve=True)
+        keys = {k: data_cfg[k] for k in ("image_key", "hint_key", "caption_key")}
+        return [(HfSource(**hf, on_the_fly=on_the_fly, **keys), 1.0)]
     if data_cfg.get("folder"):
         from nemo_controlnet.data.folder import FolderSource
 
@@ -166,6 +174,7 @@ class ShardDataModule(L.LightningDataModule):
         resuming = self.resume_position != (0, -1)
         recorded = self.resumed_access or ("stream" if resuming else None)  # before indexed access existed
         local = all(not hasattr(s, "urls") or all(is_local(u) for u in s.urls) for s, _ in self.sources)
+        streamed = [s for s, _ in self.sources if not getattr(s, "seekable", True)]  # data.hf parquet
         buckets = bool((self.cfg.get("buckets") or {}).get("enabled"))
         if recorded and wanted not in ("auto", recorded):
             raise ValueError(
@@ -173,7 +182,9 @@ class ShardDataModule(L.LightningDataModule):
                 f"data.access={recorded} (or auto), or start over with resume=false (another access mode is "
                 "another sample order)"
             )
-        access = recorded or (wanted if wanted != "auto" else ("indexed" if local else "stream"))
+        access = recorded or (wanted if wanted != "auto" else ("indexed" if local and not streamed else "stream"))
+        if access == "indexed" and streamed:
+            streamed[0].indexed_set()  # raises: why it cannot be indexed, and what to do
         if access == "indexed" and not local:
             remote = next(u for s, _ in self.sources for u in getattr(s, "urls", []) if not is_local(u))
             raise ValueError(f"data.access=indexed reads local files only; {remote} is not one (use data.access="
@@ -197,7 +208,7 @@ class ShardDataModule(L.LightningDataModule):
             units = len(getattr(source, "urls", getattr(source, "items", [])))
             if not self.cfg.get("resampled") and units < readers:
                 # A rank or worker without data yields nothing, and DDP then waits on it forever.
-                kind = "shard(s)" if hasattr(source, "urls") else "image(s)"
+                kind = "shard(s)" if hasattr(source, "urls") else getattr(source, "unit_kind", "image(s)")
                 raise ValueError(
                     f"data source {i}: {units} {kind} for {world} rank(s) x {self.cfg.num_workers} worker(s); "
                     f"need at least {readers} (write smaller shards, lower data.num_workers, or data.resampled=true)"
@@ -208,10 +219,16 @@ class ShardDataModule(L.LightningDataModule):
         first = trainer is None or trainer.world_size == 1 or trainer.local_rank == 0
         if not first:  # one process per node builds missing indexes; the others then load them
             trainer.strategy.barrier("index shards")
-        sets = [ShardSet(s.urls, self.cfg.image_key) if hasattr(s, "urls") else FolderSet(s) for s, _ in self.sources]
+        sizes = bool((self.cfg.get("buckets") or {}).get("enabled"))
+        sets = [ShardSet(s.urls, self.cfg.image_key) if hasattr(s, "urls") else s.indexed_set(sizes)
+                if hasattr(s, "indexed_set") else FolderSet(s) for s, _ in self.sources]  # fmt: skip
         if first and trainer is not None and trainer.world_size > 1:
             trainer.strategy.barrier("index shards")
         self.table = SampleTable.of(sets, [w for _, w in self.sources])
+        limit = self.cfg.get("max_train_samples")
+        if limit:  # data.max_train_samples: the first N in the table's order (data/subset.py)
+            log_limit(int(limit), len(self.table))
+            self.table = first_of_table(self.table, int(limit))
         if len(self.table) == 0:
             raise ValueError(f"training data: no samples in {[repr_source(s) for s, _ in self.sources]}")
         self.buckets, self.bucket_of = buckets_for(self.cfg, self.table)
@@ -243,6 +260,9 @@ class ShardDataModule(L.LightningDataModule):
         if self.access == "indexed":
             self.build_table()
         else:
+            if self.cfg.get("max_train_samples"):  # the same first N as indexed access (data/subset.py)
+                log_limit(int(self.cfg.max_train_samples), None)
+                self.sources = first_of_sources(self.sources, int(self.cfg.max_train_samples), self.cfg.image_key)
             self.check_stream_readers()
         log.info("data access: %s%s", self.access,
                  f", {len(self.buckets)} aspect buckets" if self.buckets else "")  # fmt: skip
@@ -267,6 +287,8 @@ class ShardDataModule(L.LightningDataModule):
 def repr_source(source) -> str:
     if hasattr(source, "urls"):
         return f"{len(source.urls)} shards from {source.urls[0]}"
+    if not hasattr(source, "root"):
+        return repr(source)
     return f"{len(source.items)} images under {source.root}"
 
 

@@ -314,10 +314,13 @@ def model_card(metadata: dict, grid: str | None = None) -> str:
     ]
     val = metadata.get("validation_metrics") or {}
     rows += [(f"validation {k} (step {val.get('step')})", _fmt(v)) for k, v in sorted(val.items()) if k != "step"]
+    hub_id, base_id = metadata.get("hub_model_id"), metadata.get("base_model_id")  # export.push_to_hub's
     lines = [
         "---",
         "library_name: diffusers",
-        "tags: [controlnet, stable-diffusion, nemo_controlnet]",
+        *([f"base_model: {base_id}"] if base_id else []),  # the Hub checks it names a model repo
+        "tags: [controlnet, stable-diffusion, nemo_controlnet"
+        + (", text-to-image, diffusers, diffusers-training]" if hub_id else "]"),
         "---",
         f"# ControlNet trained with nemo_controlnet {metadata.get('nemo_controlnet_version', '')}",
         "",
@@ -327,7 +330,7 @@ def model_card(metadata: dict, grid: str | None = None) -> str:
         "",
         "```python",
         "from diffusers import ControlNetModel",
-        'controlnet = ControlNetModel.from_pretrained("path/to/this/directory")',
+        f'controlnet = ControlNetModel.from_pretrained("{hub_id or "path/to/this/directory"}")',
         "```",
         "",
         "Hints are given to the pipeline as images; the ControlNet was trained on them as float [0, 1] RGB.",
@@ -340,7 +343,7 @@ def model_card(metadata: dict, grid: str | None = None) -> str:
                   "", "| metric | with control | control off |", "| --- | --- | --- |"]  # fmt: skip
         lines += [f"| {k} | {_fmt(on[k])} | {_fmt(off.get(k))} |" for k in sorted(on)]
     if grid:
-        lines += ["", "Validation samples (each row: hint | generated image):", "", f"![validation]({grid})"]
+        lines += ["", "Validation samples (each row: hint | generated images):", "", f"![validation]({grid})"]
     return "\n".join(lines) + "\n"
 
 

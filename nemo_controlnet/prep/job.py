@@ -87,15 +87,30 @@ def prep_params(cfg: DictConfig) -> dict:
     return params
 
 
+def make_captioner(cfg: DictConfig):
+    """The ``caption:`` block's captioner, or None when ``caption.model`` is not set (no captioning)."""
+    if OmegaConf.select(cfg, "caption.model", default=None) is None:
+        return None
+    from nemo_controlnet.prep.caption import Captioner  # imports transformers
+
+    writers = cfg.workers if cfg.workers > 1 else 0  # processes beside this one (prep/writer.py:write_units)
+    return Captioner(**OmegaConf.to_container(cfg.caption, resolve=True), writers=writers)
+
+
 def make_shards(cfg: DictConfig, job: JobControl) -> dict:
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     source = instantiate(cfg.source)
+    captioner = make_captioner(cfg)  # reads the model's config only: a bad caption.model fails before any work
+    if captioner is not None and hasattr(source, "caption_required"):
+        source.caption_required = False  # a sample without a caption is captioned, not skipped
     processor = SampleProcessor(
         instantiate(cfg.hint), cfg.image_key, cfg.hint_key, cfg.caption_key, cfg.jpeg_quality,
         cfg.resolution, cfg.seed, getattr(source, "caption_required", True),
     )  # fmt: skip
     params = prep_params(cfg)
+    if captioner is not None:  # recorded in the manifest; a resume with another captioner is refused
+        params["caption"] = captioner.describe()
     check_params(out_dir, params, cfg.overwrite)
     units = source.units(cfg.shard_size)
     task_index, num_tasks = resolve_task(cfg.task_index, cfg.num_tasks)
@@ -111,18 +126,26 @@ def make_shards(cfg: DictConfig, job: JobControl) -> dict:
     written, skipped, converted, done = 0, Counter(), Counter(), 0
     start = last_manifest = time.time()
     init = (source, processor, out_dir, cfg.prefix)
-    job.report("shards", 0, len(todo), 0, total, 0, 0)
+
+    def report() -> None:
+        n_skipped = sum(skipped.values())
+        captioning = {"captioned": captioner.captioned, "caption_seconds": captioner.seconds} if captioner else {}
+        job.report("shards", done, len(todo), written + n_skipped, total, written, n_skipped, **captioning)
+
+    jobs = [(i, units[i]) for i in todo]
+    if captioner is not None:  # captioned here, a unit at a time, as the writers ask for them
+        jobs = captioner.jobs(jobs, source, job.cancelled, on_batch=report)
+    report()
     try:
         # Closed on a break: the pool's workers are terminated at once, not when the generator is collected.
-        with closing(write_units([(i, units[i]) for i in todo], cfg.workers, init, job.cancelled)) as results:
+        with closing(write_units(jobs, cfg.workers, init, job.cancelled)) as results:
             for stats in results:
                 written += stats["num_samples"]
                 skipped.update(stats["skipped"])
                 converted.update(stats["converted"])
                 job.add_skipped(stats["skipped_files"])
                 done += 1
-                job.report("shards", done, len(todo), written + sum(skipped.values()), total, written,
-                           sum(skipped.values()))  # fmt: skip
+                report()
                 if num_tasks == 1 and time.time() - last_manifest > 10:  # progress a crash cannot corrupt
                     write_manifest(out_dir, params, len(units), cfg.prefix)
                     last_manifest = time.time()
@@ -130,7 +153,14 @@ def make_shards(cfg: DictConfig, job: JobControl) -> dict:
                     break  # leaving the pool terminates its workers; their temp files never become shards
     except Cancelled as e:
         log.info("cancelled while writing %s (not kept)", e)
+    finally:
+        if captioner is not None:
+            captioner.close()
     summary = summarize(f"task {task_index}/{num_tasks}", written, skipped, converted, time.time() - start)
+    if captioner is not None:
+        log.info("captioned %d samples (%d failed) in %.1fs: %.2f captions/s", captioner.captioned,
+                 captioner.failed, captioner.seconds, captioner.rate)  # fmt: skip
+        summary.update(captioned=captioner.captioned, captions_per_s=round(captioner.rate, 3))
     if num_tasks == 1:
         manifest = write_manifest(out_dir, params, len(units), cfg.prefix)
         summary["manifest"] = str(out_dir / MANIFEST)

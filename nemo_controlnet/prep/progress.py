@@ -21,11 +21,18 @@ class Progress:
     written: int
     skipped: int
     seconds: float
+    captioned: int = 0  # captions generated so far (caption.model set), ahead of the shards being written
+    caption_seconds: float = 0.0  # time spent captioning
 
     @property
     def rate(self) -> float:
         """Samples per second so far."""
         return self.samples_done / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def caption_rate(self) -> float:
+        """Captions per second of captioning."""
+        return self.captioned / self.caption_seconds if self.caption_seconds > 0 else 0.0
 
     @property
     def eta(self) -> float | None:
@@ -72,10 +79,11 @@ class JobControl:
         self._start = time.monotonic()
 
     def report(self, stage: str, units_done: int, units_total: int, samples_done: int,
-               samples_total: int | None, written: int, skipped: int) -> None:  # fmt: skip
+               samples_total: int | None, written: int, skipped: int, captioned: int = 0,
+               caption_seconds: float = 0.0) -> None:  # fmt: skip
         if self._progress is not None:
             self._progress(Progress(stage, units_done, units_total, samples_done, samples_total, written, skipped,
-                                    time.monotonic() - self._start))  # fmt: skip
+                                    time.monotonic() - self._start, captioned, caption_seconds))  # fmt: skip
 
 
 class ProgressBar:
@@ -91,7 +99,10 @@ class ProgressBar:
             total = p.samples_total if by_samples else p.units_total
             self.bar = tqdm(total=total, desc=self.desc, unit="sample" if by_samples else "shard", smoothing=0.1)
         self.bar.n = p.samples_done if by_samples else p.units_done
-        self.bar.set_postfix(written=p.written, skipped=p.skipped, rate=f"{p.rate:.1f}/s", refresh=False)
+        postfix = {"written": p.written, "skipped": p.skipped, "rate": f"{p.rate:.1f}/s"}
+        if p.captioned:
+            postfix["captions"] = f"{p.captioned} ({p.caption_rate:.1f}/s)"
+        self.bar.set_postfix(postfix, refresh=False)
         self.bar.refresh()
         if p.units_done == p.units_total:  # before the job logs its summary
             self.close()

@@ -95,7 +95,7 @@ def write_manifest(out_dir: Path, params: dict, num_units: int, prefix: str) -> 
     Only shards whose stats exist are listed; empty ones (every sample skipped) are left out of
     ``shards`` so no rank or worker is handed a shard without data, but count as complete.
     """
-    shards, done, skipped, converted = [], 0, Counter(), Counter()
+    shards, done, skipped, converted, captioned = [], 0, Counter(), Counter(), None
     for index in range(num_units):
         name = shard_name(prefix, index)
         if not is_complete(out_dir, name):
@@ -106,6 +106,8 @@ def write_manifest(out_dir: Path, params: dict, num_units: int, prefix: str) -> 
             shards.append({"name": name, "num_samples": stats["num_samples"]})
         skipped.update(stats.get("skipped", {}))
         converted.update(stats.get("converted", {}))
+        if "captioned" in stats:  # a captioning run: how many captions the model wrote
+            captioned = (captioned or 0) + stats["captioned"]
     manifest = {
         "tool": "nemo_controlnet.prep",
         "version": __version__,
@@ -118,6 +120,8 @@ def write_manifest(out_dir: Path, params: dict, num_units: int, prefix: str) -> 
         "skipped": dict(sorted(skipped.items())),
         "converted": dict(sorted(converted.items())),
     }
+    if captioned is not None:
+        manifest["captioned"] = captioned
     write_json_atomic(out_dir / MANIFEST, manifest)
     return manifest
 

@@ -11,7 +11,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import webdataset as wds
 from PIL import Image
@@ -140,16 +140,18 @@ class SkipLog:
 
 
 def write_unit(
-    index: int, unit, source, processor: SampleProcessor, out_dir: Path, prefix: str, should_stop=None
+    index: int, unit, source, processor: SampleProcessor, out_dir: Path, prefix: str, should_stop=None,
+    captions: dict | None = None,
 ) -> dict:
     """Write output shard ``index`` from one unit: temp file, rename, then its stats file.
 
     ``should_stop`` (in-process runs) is asked between samples: a cancelled shard is never renamed
-    into place, so only complete shards remain."""
+    into place, so only complete shards remain. ``captions`` (a captioning run, prep/caption.py): key ->
+    the caption to write instead of the source's, or ``(reason, detail)`` to skip the sample."""
     name = shard_name(prefix, index)
     stats_path(out_dir, name).unlink(missing_ok=True)  # until rewritten, this shard is incomplete
     start = time.time()
-    written, skips, converted = 0, SkipLog(unit), Counter()
+    written, skips, converted, generated = 0, SkipLog(unit), Counter(), 0
     largest = max((p.stat().st_size for p in out_dir.glob("*.tar")), default=0)
     if largest:  # the next shard is about as large as the largest so far: fail now, not half-way through it
         ensure_space(out_dir / name, largest)
@@ -162,6 +164,13 @@ def write_unit(
                     skips.add_bad(raw)
                     log.warning("%s: skipped %s", name, raw)
                     continue
+                caption = captions.get(raw.key) if captions else None
+                if caption is not None and not isinstance(caption, str):
+                    skips.add(raw.source, *caption)
+                    log.warning("%s: skipped %s: %s: %s", name, raw.source, *caption)
+                    continue
+                if caption is not None:
+                    raw.caption, raw.extra = caption, {**raw.extra, "caption_generated": True}
                 try:
                     sample, conversions = processor(raw)
                 except BadSample as e:
@@ -174,6 +183,7 @@ def write_unit(
                     continue
                 sink.write(sample)
                 written += 1
+                generated += caption is not None
                 converted.update(conversions)
     stats = {
         "name": name,
@@ -184,6 +194,8 @@ def write_unit(
         "converted": dict(converted),
         "seconds": round(time.time() - start, 3),
     }
+    if captions is not None:
+        stats["captioned"] = generated
     write_stats(out_dir, name, stats)
     return stats
 
@@ -208,22 +220,50 @@ def _init_worker(source, processor, out_dir, prefix, should_stop=None) -> None:
     _WORKER.update(source=source, processor=processor, out_dir=out_dir, prefix=prefix, should_stop=should_stop)
 
 
-def _run_unit(job: tuple[int, Any]) -> dict:
-    index, unit = job
+def _run_unit(job: tuple) -> dict:
+    index, unit, *captions = job  # (index, unit) or, captioning, (index, unit, captions)
     w = _WORKER
-    return write_unit(index, unit, w["source"], w["processor"], w["out_dir"], w["prefix"], w["should_stop"])
+    return write_unit(index, unit, w["source"], w["processor"], w["out_dir"], w["prefix"], w["should_stop"],
+                      captions[0] if captions else None)  # fmt: skip
 
 
-def write_units(jobs: list, workers: int, init_args: tuple, should_stop=None) -> Iterable[dict]:
+def write_units(jobs: list | Iterator[tuple], workers: int, init_args: tuple, should_stop=None) -> Iterable[dict]:
     """Each (index, unit) -> its shard's stats, in completion order. In-process with ``workers <= 1``
     (``should_stop`` then checked between samples); otherwise in forked workers, which leaving the
-    iteration early terminates (their temp files are swept by the next run)."""
+    iteration early terminates (their temp files are swept by the next run). ``jobs`` may be an iterator
+    that makes each job in this process as it is asked for (captioning): the pool is forked first."""
     if workers <= 1:
         _init_worker(*init_args, should_stop=should_stop)
         yield from map(_run_unit, jobs)
         return
     with multiprocessing.get_context("fork").Pool(workers, initializer=_init_pool_worker, initargs=init_args) as pool:
-        yield from pool.imap_unordered(_run_unit, jobs)
+        if isinstance(jobs, list):
+            yield from pool.imap_unordered(_run_unit, jobs)
+        else:
+            yield from _submit_as_made(pool, jobs, workers, should_stop)
+
+
+def _submit_as_made(pool, jobs: Iterator[tuple], workers: int, should_stop=None) -> Iterator[dict]:
+    """Jobs made here while the pool writes: each submitted once made, at most ``2 * workers`` waiting
+    (made ahead, not piled up), stats yielded as shards complete. Not ``imap``: its feeder thread would
+    make the jobs (run the model) outside this thread's control of cancel and interrupts."""
+    pending: list = []
+
+    def done(block: bool) -> Iterator[dict]:
+        while pending:
+            ready = [r for r in pending if r.ready()]
+            for r in ready:
+                pending.remove(r)
+                yield r.get()
+            if ready or not block or (should_stop is not None and should_stop()):
+                return
+            pending[0].wait(0.1)
+
+    for job in jobs:
+        pending.append(pool.apply_async(_run_unit, (job,)))
+        yield from done(block=len(pending) >= 2 * workers)
+    while pending and not (should_stop is not None and should_stop()):
+        yield from done(block=True)
 
 
 def summarize(what: str, written: int, skipped: Counter, converted: Counter, seconds: float) -> dict:

@@ -106,10 +106,12 @@ class StepMetrics(_StepBoundary):
         if not self.stepped(trainer):
             return
         step, losses, self._losses = trainer.global_step, self._losses, []
-        if step % self.every == 0 and losses and trainer.logger is not None:
+        if step % self.every == 0 and losses and trainer.loggers:
             # Lightning hands over the loss divided by the accumulation count; undo that.
             mean = torch.stack(losses).float().mean() * trainer.accumulate_grad_batches
-            trainer.logger.log_metrics({"train/loss": mean.item()}, step=step)  # a sync every N steps only
+            value = mean.item()  # a sync every N steps only
+            for logger in trainer.loggers:  # every one of report_to's (trainer.logger is only the first)
+                logger.log_metrics({"train/loss": value}, step=step)
 
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A6000": 155.0, "4090": 165.0}
@@ -172,8 +174,9 @@ class Throughput(L.Callback):
                 self._sync(pl_module)  # one sync a logging window: the device has finished its work
                 self._busy = time.perf_counter() - self._window_start
                 self._last_logged = step
-                if trainer.logger is not None:
-                    trainer.logger.log_metrics(self.metrics(pl_module), step=step)
+                metrics = self.metrics(pl_module)
+                for logger in trainer.loggers:
+                    logger.log_metrics(metrics, step=step)
         self._batch_end = time.perf_counter()
 
     @staticmethod

@@ -183,19 +183,30 @@ class ControlNetModule(L.LightningModule):
         groups = self.training_mode.param_groups(self, o)
         for group in groups:
             group["lr"] = group["lr"] * self.lr_scale
-        fused = bool(o.fused) and self.device.type == "cuda"
-        optimizer = torch.optim.AdamW(
-            groups, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay, fused=fused or None
-        )
+        if o.get("use_8bit_adam"):
+            optimizer, kind = adamw_8bit(groups, o, self.device), "AdamW8bit (bitsandbytes)"
+        else:
+            fused = bool(o.fused) and self.device.type == "cuda"
+            optimizer = torch.optim.AdamW(groups, lr=groups[0]["lr"], betas=tuple(o.betas), eps=o.eps,
+                                          weight_decay=o.weight_decay, fused=fused or None)  # fmt: skip
+            kind = "AdamW (fused)" if fused else "AdamW"
         log.info(
-            "AdamW%s: %s",
-            " (fused)" if fused else "",
+            "%s: %s",
+            kind,
             ", ".join(f"{g['name']} {sum(p.numel() for p in g['params']) / 1e6:.2f}M lr={g['lr']}" for g in groups),
         )
+        # diffusers' --lr_scheduler, --lr_num_cycles and --lr_power (each scheduler ignores what it has no use for);
+        # polynomial decays to 1e-7 relative to the optimizer's default lr: the first group's, as in diffusers
         scheduler = get_scheduler(
-            o.lr_scheduler, optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=self.trainer.max_steps
-        )
+            o.lr_scheduler, optimizer, num_warmup_steps=o.warmup_steps, num_training_steps=self.trainer.max_steps,
+            num_cycles=int(o.get("lr_num_cycles", 1)), power=float(o.get("lr_power", 1.0)),
+        )  # fmt: skip
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        # optim.set_grads_to_none (diffusers' --set_grads_to_none): None frees the gradients' memory between
+        # steps (torch's default); false keeps zero-filled tensors
+        optimizer.zero_grad(set_to_none=bool(self.optim_cfg.get("set_grads_to_none", True)))
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # Lightning's FSDP precision refuses norm clipping; FSDP's own clip computes the norm over
@@ -246,3 +257,14 @@ class ControlNetModule(L.LightningModule):
             torch.set_rng_state(meta["torch_rng"])
         if meta.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(meta["cuda_rng"], self.device)
+
+
+def adamw_8bit(groups: list[dict], o: DictConfig, device: torch.device):
+    """bitsandbytes' AdamW8bit (diffusers' --use_8bit_adam): optimizer states in 8 bits, CUDA only."""
+    if device.type != "cuda":
+        raise RuntimeError(f"optim.use_8bit_adam=true: 8-bit Adam needs CUDA; the module is on {device}")
+    try:
+        import bitsandbytes as bnb
+    except ImportError as e:
+        raise RuntimeError("optim.use_8bit_adam=true: bitsandbytes is not installed (pip install bitsandbytes)") from e
+    return bnb.optim.AdamW8bit(groups, lr=groups[0]["lr"], betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)

@@ -13,7 +13,6 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import LearningRateMonitor
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_only
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -36,6 +35,8 @@ from nemo_controlnet.training.callbacks import (
 )
 from nemo_controlnet.training.distributed import configure_fsdp, full_controlnet, is_fsdp
 from nemo_controlnet.training.checkpoint import AtomicCheckpointIO, latest_checkpoint, list_checkpoints
+from nemo_controlnet.training.hub import hub_model_id, push_to_hub
+from nemo_controlnet.training.loggers import make_loggers
 from nemo_controlnet.training.module import ControlNetModule
 from nemo_controlnet.training.perf import apply_performance, configure_threads
 from nemo_controlnet.training.validation import ValidationImages
@@ -65,15 +66,6 @@ def _set_aside_old_checkpoints(ckpt_dir: Path) -> None:
 def _write_run_config(cfg: DictConfig, run_dir: Path) -> None:
     with atomic_path(run_dir / RUN_CONFIG) as tmp:
         tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-
-
-def _logger(cfg: DictConfig, run_dir: Path):
-    if cfg.logger == "tensorboard":
-        return TensorBoardLogger(save_dir=str(run_dir), name="logs", version="")
-    if cfg.logger == "csv":
-        # A new version folder per (resumed) segment: the CSV logger rewrites its directory's file.
-        return CSVLogger(save_dir=str(run_dir), name="logs")
-    return False
 
 
 def slurm_plugins() -> list:
@@ -115,7 +107,17 @@ def export_metadata(cfg: DictConfig, module: ControlNetModule, step: int) -> dic
         "resolution": int(cfg.data.resolution),
         "data": OmegaConf.to_container(OmegaConf.create({"shards": cfg.data.shards}), resolve=True)["shards"],
         "batch_size": int(cfg.data.batch_size),
+        **hub_metadata(cfg),
     }
+
+
+def hub_metadata(cfg: DictConfig) -> dict:
+    """What the model card says for the Hub (export.push_to_hub): the repo id and the base's Hub id."""
+    export = cfg.get("export") or {}
+    if not export.get("push_to_hub"):
+        return {}
+    out = {"hub_model_id": hub_model_id(export, Path(cfg.run_dir))}
+    return out | ({"base_model_id": str(export.base_model_id)} if export.get("base_model_id") else {})
 
 
 def export_run(
@@ -209,11 +211,11 @@ def _train(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, ControlNetModule]
     )
     prompts, hints, metas = validation_samples(cfg.validation, cfg.data, int(cfg.model.hint_channels))
 
-    logger = _logger(cfg, run_dir)
+    loggers = make_loggers(cfg, run_dir)  # report_to (or logger)
     validation = ValidationImages(
         run_dir / "samples", prompts, hints, cfg.validation.every_n_steps, cfg.validation.num_inference_steps,
         cfg.validation.guidance_scale, cfg.validation.seed, cfg.validation.sampler, metas,
-        bool(cfg.validation.get("guess_mode", False)),
+        bool(cfg.validation.get("guess_mode", False)), int(cfg.validation.get("num_images", 1)),
     )  # fmt: skip
     # Everything that logs at a step runs before the checkpoints of that step (StepCheckpoint and
     # Preemption, last): a kill right after a checkpoint loses no log row.
@@ -224,7 +226,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, ControlNetModule]
     if isinstance(trainer_kwargs.get("strategy"), dict):  # a strategy object from a _target_ node
         trainer_kwargs["strategy"] = instantiate(cfg.trainer.strategy)
         configure_fsdp(trainer_kwargs["strategy"], module)
-    if logger:
+    if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
         # Counting FLOPs runs one step outside the trainer; FSDP's units cannot be run that way.
         count_flops = bool(perf.get("count_flops", True)) and not is_fsdp(trainer_kwargs.get("strategy"))
@@ -237,7 +239,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, ControlNetModule]
     trainer = L.Trainer(
         **trainer_kwargs,
         default_root_dir=str(run_dir),
-        logger=logger,
+        logger=loggers or False,
         callbacks=callbacks,
         plugins=[AtomicCheckpointIO(), *slurm_plugins()],
         enable_checkpointing=False,  # StepCheckpoint writes them
@@ -267,7 +269,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, ControlNetModule]
     elif cfg.export.enabled:
         controlnet = full_controlnet(trainer, module)  # under FSDP a collective: every rank takes part
         if trainer.is_global_zero:
-            export_run(cfg, module, run_dir, trainer.global_step, controlnet, validation.last_metrics)
+            out = export_run(cfg, module, run_dir, trainer.global_step, controlnet, validation.last_metrics)
+            if cfg.export.get("push_to_hub"):
+                push_to_hub(out, hub_model_id(cfg.export, run_dir), trainer.global_step)
     return trainer, module
 
 

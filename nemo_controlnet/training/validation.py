@@ -1,5 +1,5 @@
 """Validation while training: every N optimizer steps, sample the validation hints with the current
-ControlNet (each rank a slice), write the grid (hint | image per row), score hint-following, log both."""
+ControlNet (each rank a slice), write the grid (hint | images per row), score hint-following, log both."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from PIL import Image
 
 from nemo_controlnet.eval.metrics import mean_metrics, sample_metrics
@@ -25,8 +25,10 @@ class ValidationImages(EveryNOptimizerSteps):
     """Samples the fixed validation prompts and hints with the training modules themselves.
 
     Runs under no_grad in eval mode and the compute dtype, restores train mode and the RNG state
-    afterwards, and writes ``samples/step_NNNNNNN.png`` with one row per sample: hint | image.
-    With several ranks each samples every world-th prompt (seeded per sample, so an image does not
+    afterwards, and writes ``samples/step_NNNNNNN.png`` with one row per sample: hint | image, or
+    hint | ``num_images`` images (diffusers' ``--num_validation_images``), image ``j`` of sample ``i``
+    seeded ``seed + i + j * len(prompts)`` (image 0: ``seed + i`` whatever ``num_images``).
+    With several ranks each samples every world-th image (seeded per image, so an image does not
     depend on the number of ranks) and rank 0 gathers and writes the grid.
 
     Rank 0 then scores the images against their hints (``eval/metrics.py``: edge F1, SSIM, and the
@@ -46,6 +48,7 @@ class ValidationImages(EveryNOptimizerSteps):
         sampler: str = "unipc",
         metas: list[dict] | None = None,
         guess_mode: bool = False,
+        num_images: int = 1,
     ):
         super().__init__(every_n_steps)
         self.out_dir = Path(out_dir)
@@ -55,13 +58,14 @@ class ValidationImages(EveryNOptimizerSteps):
         self.seed, self.sampler = seed, sampler
         self.last_metrics: dict = {}  # the newest means, with their step (for the model card)
         self.guess_mode = guess_mode
+        self.num_images = max(1, int(num_images))
 
     def on_train_start(self, trainer, pl_module):
         if trainer.global_step == 0:  # the untrained baseline, to compare later grids with
             self._fire(trainer, pl_module, 0)
 
     def _gather(self, trainer, pl_module, images, n: int):
-        """Every rank's slice to every rank (padded to one size), back in the prompts' order."""
+        """Every rank's slice to every rank (padded to one size), back in the images' order."""
         world = trainer.world_size
         h, w = self.hints.shape[-2:]
         padded = torch.zeros(-(-n // world), h, w, 3, dtype=torch.uint8, device=pl_module.device)
@@ -75,7 +79,8 @@ class ValidationImages(EveryNOptimizerSteps):
             return
         start = time.time()
         n, world, rank = len(self.prompts), trainer.world_size, trainer.global_rank
-        mine = list(range(rank, n, world))  # each rank samples a slice; rank 0 assembles the grid
+        total = n * self.num_images  # image k: sample k % n, its (k // n)-th image, seed + k
+        mine = list(range(rank, total, world))  # each rank samples a slice; rank 0 assembles the grid
         was_training = pl_module.training
         pl_module.eval()
         devices = [pl_module.device] if pl_module.device.type == "cuda" else []
@@ -86,32 +91,35 @@ class ValidationImages(EveryNOptimizerSteps):
                 controlnet = full_controlnet(trainer, pl_module, everywhere=True)
                 pipe = pl_module.family.pipeline(pl_module, controlnet, self.sampler)
                 images = sample(
-                    pipe, [self.prompts[i] for i in mine], self.hints[mine],
+                    pipe, [self.prompts[k % n] for k in mine], self.hints[[k % n for k in mine]],
                     num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
-                    control_scale=pl_module.control_scale, seed=[self.seed + i for i in mine],
+                    control_scale=pl_module.control_scale, seed=[self.seed + k for k in mine],
                     dtype=pl_module.locked_dtype, guess_mode=self.guess_mode,
                 ) if mine else None  # fmt: skip
         finally:
             pl_module.train(was_training)
         if world > 1:
-            images = self._gather(trainer, pl_module, images, n)
+            images = self._gather(trainer, pl_module, images, total)
         if not trainer.is_global_zero:
             return
-        picture = grid([[hint_to_uint8(h), img] for h, img in zip(self.hints, images, strict=True)])
+        hints = [hint_to_uint8(h) for h in self.hints]
+        picture = grid([[hints[i], *(images[i + j * n] for j in range(self.num_images))] for i in range(n)])
         path = self.out_dir / f"step_{step:07d}.png"
         with atomic_path(path) as tmp:
             Image.fromarray(picture).save(tmp, format="PNG")
-        if isinstance(trainer.logger, TensorBoardLogger):
-            trainer.logger.experiment.add_image("validation/hint_sample", picture, step, dataformats="HWC")
-        hints = [hint_to_uint8(h) for h in self.hints]
-        scores = mean_metrics([sample_metrics(img, h, m) for img, h, m in zip(images, hints, self.metas, strict=True)])
+        for logger in trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("validation/hint_sample", picture, step, dataformats="HWC")
+            elif isinstance(logger, WandbLogger):
+                logger.log_image("validation/hint_sample", [picture], step=step)
+        scores = mean_metrics([sample_metrics(img, hints[k % n], self.metas[k % n]) for k, img in enumerate(images)])
         self.last_metrics = {"step": step, **scores}
         self._append_metrics(self.last_metrics)
         seconds = time.time() - start
-        if trainer.logger is not None:
-            logged = {"validation/seconds": seconds, **{f"validation/{k}": v for k, v in scores.items()}}
-            trainer.logger.log_metrics(logged, step=step)
-        log.info("validation grid %s (%d samples, %.1fs): %s", path, len(self.prompts), seconds,
+        logged = {"validation/seconds": seconds, **{f"validation/{k}": v for k, v in scores.items()}}
+        for logger in trainer.loggers:
+            logger.log_metrics(logged, step=step)
+        log.info("validation grid %s (%d samples x %d images, %.1fs): %s", path, n, self.num_images, seconds,
                  ", ".join(f"{k} {v:.3f}" for k, v in scores.items()))  # fmt: skip
 
     def _append_metrics(self, row: dict) -> None:

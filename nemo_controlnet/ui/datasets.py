@@ -31,7 +31,7 @@ from nemo_controlnet.ui.paths import Roots
 
 log = logging.getLogger(__name__)
 
-LAYOUTS = ("folder", "metadata_jsonl", "prompt_json", "shards")  # conf/source/<layout>.yaml
+LAYOUTS = ("folder", "metadata_jsonl", "prompt_json", "shards", "hf_dataset")  # conf/source/<layout>.yaml
 CONTROL_TYPES = ("canny", "given")  # conf/hint/<type>.yaml
 HINT_LAYOUTS = ("shards", "folder")  # tar shards + manifest | <root>/canny/<stem>_canny.png (mode=precompute)
 DATASET_RECORD = "dataset.json"  # beside a dataset the UI made: its prep and training overrides
@@ -94,7 +94,7 @@ def form_problems(form: DatasetForm, roots: Roots, for_job: bool = True) -> dict
         problems["layout"] = f"source layout {form.layout!r}: expected one of {list(LAYOUTS)}"
     source_problem = roots.problem(form.source, "source path")
     if source_problem is None:
-        kind = "any" if form.layout == "shards" else "dir"
+        kind = "any" if form.layout in ("shards", "hf_dataset") else "dir"  # a file, a directory or a manifest
         source_problem = readable_path_problem(str(roots.resolve(form.source)), kind)
     if source_problem:
         problems["source"] = source_problem
@@ -123,6 +123,9 @@ def source_overrides(form: DatasetForm, roots: Roots) -> list[str]:
     path = str(roots.resolve(form.source, "source path"))
     if form.layout == "shards":
         return ["source=shards", f"source.shards={path}"]
+    if form.layout == "hf_dataset":  # the fill50k column names; a Canny hint comes from the image
+        overrides = ["source=hf_dataset", f"source.path={path}"]
+        return overrides + (["source.conditioning_image_column=null"] if form.control_type == "canny" else [])
     overrides = [f"source={form.layout}", f"source.root={path}"]
     if form.layout == "folder" and form.caption.strip():
         overrides.append(f"source.caption={form.caption.strip()}")
