@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers.optimization import get_scheduler
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
@@ -93,8 +93,11 @@ def test_one_run_honours_the_diffusers_keys(train_cfg, shapes_dir, monkeypatch, 
     # optim.set_grads_to_none=false: after the first step, zero_grad leaves zero-filled gradients
     assert seen["grads"][0] == {"none"} and all(g == {"zeros"} for g in seen["grads"][1:]), seen["grads"]
 
-    # report_to=all (wandb is not installed here: TensorBoard and CSV), under tracker_project_name
-    assert {type(lg) for lg in trainer.loggers} == {TensorBoardLogger, CSVLogger}
+    # report_to=all: TensorBoard, CSV and W&B (in the dev extra; offline: a run folder to `wandb sync` later)
+    assert {type(lg) for lg in trainer.loggers} == {TensorBoardLogger, CSVLogger, WandbLogger}
+    offline = list((run_dir / "logs" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(offline) == 1 and offline[0].stat().st_size > 0, offline
+    assert "wandb sync" in caplog.text
     assert list((run_dir / "logs" / "proj").glob("events.out.tfevents.*"))
     rows = (run_dir / "logs" / "proj" / "version_0" / "metrics.csv").read_text()
     assert "train/loss" in rows and "lr-AdamW" in rows and "validation/" in rows
@@ -183,15 +186,19 @@ def test_set_grads_to_none(module, to_none):
     assert all((p.grad is None) if to_none else (p.grad is not None and not p.grad.any()) for p in params)
 
 
-def test_report_to_and_logger_resolve_to_loggers(tmp_path):
+def test_report_to_and_logger_resolve_to_loggers(tmp_path, monkeypatch):
     assert report_to(compose_train()) == ["tensorboard"]  # both null: as before
     assert report_to(compose_train(["logger=csv"])) == ["csv"]  # the older name still works
     assert report_to(compose_train(["report_to=csv", "logger=csv"])) == ["csv"]  # both, alike
     assert report_to(compose_train(["report_to=[csv,tensorboard]"])) == ["tensorboard", "csv"]
     assert report_to(compose_train(["report_to=none"])) == []
-    assert report_to(compose_train(["report_to=all"])) == ["tensorboard", "csv"]  # wandb: not installed here
+    assert report_to(compose_train(["report_to=all"])) == ["tensorboard", "csv", "wandb"]  # wandb: in the dev extra
     with pytest.raises(ConfigError, match=r"report_to='csv' and logger='tensorboard' disagree"):
         validate_train_config(compose_train(["report_to=csv", "logger=tensorboard"]))
+    validate_train_config(compose_train(["report_to=wandb"]))  # installed: fine
+    # A machine without wandb: all means tensorboard and csv, and asking for wandb names the install.
+    monkeypatch.setattr("nemo_controlnet.config.installed", lambda name: name != "wandb")
+    assert report_to(compose_train(["report_to=all"])) == ["tensorboard", "csv"]
     with pytest.raises(ConfigError, match=r"report_to='wandb'.*pip install wandb"):
         validate_train_config(compose_train(["report_to=wandb"]))
     with pytest.raises(ConfigError, match=r"logger='wandb'.*pip install wandb"):
@@ -210,10 +217,7 @@ def test_report_to_and_logger_resolve_to_loggers(tmp_path):
 
 
 def test_wandb_logger_is_offline_unless_online_is_asked(monkeypatch, tmp_path):
-    """Without wandb installed, the logger's wandb.init arguments (Lightning imports wandb only to log)."""
-    import lightning.pytorch.loggers.wandb as lightning_wandb
-
-    monkeypatch.setattr(lightning_wandb, "_WANDB_AVAILABLE", True)
+    """The logger's wandb.init arguments: offline unless asked, the project, the run's name and config."""
     cfg = compose_train(["report_to=wandb", "tracker_project_name=proj", f"run_dir={tmp_path / 'r'}"])
     logger = wandb_logger(cfg, tmp_path / "r")
     init = logger._wandb_init
