@@ -171,7 +171,7 @@ def test_nemo_controlnet_v15_migrates_to_a_config_that_composes_and_validates(tm
     assert cfg.perf.channels_last is True and cfg.perf.compile is True
     assert dict(cfg.perf.gradient_checkpointing) == {"controlnet": False, "unet_decoder": False}
     assert (cfg.checkpoint.every_n_steps, cfg.checkpoint.keep_last, cfg.resume, cfg.seed) == (5000, 0, True, 1234)
-    assert (cfg.validation.every_n_steps, cfg.validation.num_samples, cfg.logger) == (1000, 4, "tensorboard")
+    assert (cfg.validation.every_n_steps, cfg.validation.num_samples, cfg.report_to) == (1000, 4, "tensorboard")
 
     # The run directory is NeMo's: runs/<name> from the command line's directory (exp_dir null).
     assert composed(tmp_path / "configs", "controlnet_v1-5", cwd=tmp_path).run_dir == "runs/ControlNet-v1-5"
@@ -241,6 +241,21 @@ def test_sd21_v_prediction_config_chooses_sd21(tmp_path):
     assert not [k for k in m.values if k.startswith("model.unet_config")]
     assert m.values["model.prediction_type"] == "v_prediction" and m.values["data.resolution"] == 768
     assert m.status["model.image_size"] == (MAPPED, "data.resolution (the latent size x 8)")
+
+
+def test_the_wandb_logger_maps_to_report_to_and_its_project(tmp_path):
+    changes = {"exp_manager.create_wandb_logger": True}
+    m = migrate(OmegaConf.load(nemo_config(tmp_path, changes)))
+    w = "exp_manager.wandb_logger_kwargs"
+    assert m.values["report_to"] == ["tensorboard", "wandb"] and m.values["tracker_project_name"] == "stable-diffusion"
+    assert m.status["exp_manager.create_wandb_logger"] == (MAPPED, "report_to")
+    assert m.status[f"{w}.project"] == (MAPPED, "tracker_project_name")
+    assert m.status[f"{w}.name"][0] == SAME and m.status[f"{w}.group"][0] == NOT_MAPPED
+    m = migrate(OmegaConf.load(nemo_config(tmp_path, {**changes, "exp_manager.create_tensorboard_logger": False})))
+    assert m.values["report_to"] == "wandb"
+    m = migrate(OmegaConf.load(nemo_config(tmp_path)))  # W&B off: its kwargs are unused, not "not mapped"
+    assert m.values["report_to"] == "tensorboard" and "tracker_project_name" not in m.values
+    assert m.status[f"{w}.group"][0] == SAME
 
 
 def test_a_small_architecture_maps_to_unet_keys_and_the_migrated_config_trains(tmp_path, shapes_dir):

@@ -278,6 +278,13 @@ def test_the_progress_bar_counts_steps(train_cfg, capfd):
     bar = captured.out + captured.err
     assert "step: 100%" in bar and "4/4" in bar, bar[-2000:]
     assert "Epoch" not in bar
+    # Resumed at step 4 of 6: the bar starts at 4 and counts to 6, in steps too.
+    train(train_cfg("trainer.enable_progress_bar=true", "validation.num_samples=0", "export.enabled=false",
+                    "trainer.max_steps=6"))  # fmt: skip
+    captured = capfd.readouterr()
+    bar = captured.out + captured.err
+    assert "Training" not in bar and "step:  67%" in bar and "4/6" in bar, bar[-2000:]  # from where it resumed
+    assert bar.rstrip().rsplit("\r", 1)[-1].startswith("step: 100%") and "6/6" in bar, bar[-2000:]
 
 
 @pytest.fixture

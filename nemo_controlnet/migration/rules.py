@@ -33,8 +33,8 @@ RULES: tuple[Rule, ...] = (
     Rule("trainer.num_nodes", "`trainer.num_nodes`", "as it is"),
     Rule("trainer.accelerator", "`trainer=gpu` and `trainer.accelerator`", "gpu chooses `trainer=gpu`"),
     Rule("trainer.precision", "`trainer.precision`", "16 -> `16-mixed`, bf16 -> `bf16-mixed`, 32 -> `32`"),
-    Rule("trainer.logger", "", "NeMo's exp_manager made the loggers; ours: `logger` (from "
-         "`exp_manager.create_tensorboard_logger`)", "skip"),  # fmt: skip
+    Rule("trainer.logger", "", "NeMo's exp_manager made the loggers; ours: `report_to` (from "
+         "`exp_manager.create_*_logger`)", "skip"),  # fmt: skip
     Rule("trainer.enable_checkpointing", "", "NeMo's exp_manager wrote the checkpoints; ours: `checkpoint.*`",
          "skip"),  # fmt: skip
     Rule("trainer.use_distributed_sampler", "", "our loader splits the shards by rank and worker itself", "same"),
@@ -66,11 +66,11 @@ RULES: tuple[Rule, ...] = (
     Rule("exp_manager.resume_ignore_no_checkpoint", "", "ours starts from scratch when `run_dir` has no checkpoint",
          "same"),  # fmt: skip
     Rule("exp_manager.resume_from_checkpoint", "", "null: the same; a NeMo checkpoint cannot be resumed here", "code"),
-    Rule("exp_manager.create_tensorboard_logger", "`logger`", "true -> tensorboard, false -> none"),
-    Rule("exp_manager.create_wandb_logger", "", "false: the same; true: Weights & Biases is not one of our loggers "
-         "(tensorboard, csv)", "code"),  # fmt: skip
-    Rule("exp_manager.wandb_logger_kwargs.*", "", "used with `create_wandb_logger` only (W&B is not one of ours)",
-         "code"),  # fmt: skip
+    Rule("exp_manager.create_tensorboard_logger", "`report_to`", "true -> tensorboard (with W&B: both)"),
+    Rule("exp_manager.create_wandb_logger", "`report_to`", "true -> wandb (offline unless `wandb.mode=online`)"),
+    Rule("exp_manager.wandb_logger_kwargs.project", "`tracker_project_name`", "the W&B project"),
+    Rule("exp_manager.wandb_logger_kwargs.*", "", "`name`: the run is named after `run_dir`; the others (group, "
+         "tags, ...) have no counterpart; all unused without `create_wandb_logger`", "code"),  # fmt: skip
     Rule("exp_manager.ema.enable", "", "false: the same; true: EMA is not implemented", "code"),
     Rule("exp_manager.ema.*", "", "used with `ema.enable` only (EMA is not implemented)", "code"),
     Rule("exp_manager.*", "", "NeMo's experiment manager (logging, timing, versions) has no counterpart", "skip"),

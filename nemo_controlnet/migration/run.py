@@ -175,12 +175,22 @@ def map_run(x: Mapper) -> None:
     if keep is not None:
         x.put(f"{p}.save_top_k", "checkpoint.keep_last", 0 if keep < 0 else int(keep))
     tensorboard, wandb = x.get(f"{e}.create_tensorboard_logger"), x.get(f"{e}.create_wandb_logger")
-    if tensorboard is not None:
-        x.put(f"{e}.create_tensorboard_logger", "logger", "tensorboard" if tensorboard else "none")
-    x.check(f"{e}.create_wandb_logger", False, "Weights & Biases is not one of our loggers (tensorboard, csv)")
-    if not wandb:
-        for key in (k for k in x.actual if k.startswith(f"{e}.wandb_logger_kwargs.")):
+    loggers = [name for name, on in (("tensorboard", tensorboard), ("wandb", wandb)) if on]
+    if tensorboard is not None or wandb is not None:  # NeMo's exp_manager made these two; ours: report_to
+        x.m.values["report_to"] = (loggers[0] if len(loggers) == 1 else loggers) if loggers else "none"
+        for key in (f"{e}.create_tensorboard_logger", f"{e}.create_wandb_logger"):
+            if x.has(key):
+                x.mapped(key, "report_to")
+    w = f"{e}.wandb_logger_kwargs"
+    for key in (k for k in x.actual if k.startswith(f"{w}.")):
+        if not wandb:
             x.same(key, "used with create_wandb_logger only")
+        elif key == f"{w}.project":
+            x.put(key, "tracker_project_name", x.get(key))
+        elif key == f"{w}.name":
+            x.same(key, "the W&B run is named after run_dir")
+        else:
+            x.skip(key, "our W&B logger sets project, run name and config only (offline unless wandb.mode=online)")
     x.check(f"{e}.ema.enable", False, "EMA is not implemented")
     if not x.get(f"{e}.ema.enable"):
         for key in (k for k in x.actual if k.startswith(f"{e}.ema.") and k != f"{e}.ema.enable"):

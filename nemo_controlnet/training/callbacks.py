@@ -303,12 +303,24 @@ class StepProgressBar(TQDMProgressBar):
     """Progress in optimizer steps (``step 30/600``) from where the run (re)started: the training
     stream is endless, so Lightning's per-epoch batch count (``Epoch 0/-2``) means nothing here."""
 
+    @property
+    def train_description(self) -> str:  # the bar's name from its creation on
+        return "step"
+
+    def on_train_start(self, trainer, *args):
+        super().on_train_start(trainer, *args)
+        # Here too: a run resumed in mid-epoch gets no on_train_epoch_start (it showed "Training: 5/?").
+        self._in_steps(trainer)
+
     def on_train_epoch_start(self, trainer, *_):
+        self._in_steps(trainer)
+
+    def _in_steps(self, trainer) -> None:
         bar = self.train_progress_bar
+        bar.set_description("step", refresh=False)
         if bar.total != trainer.max_steps:  # once: the endless stream is one Lightning epoch
             bar.reset(total=trainer.max_steps)
             self._show(bar, trainer.global_step)
-        bar.set_description("step")
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         bar, n = self.train_progress_bar, trainer.global_step

@@ -56,7 +56,7 @@ REACHED_MAX_STEPS = "`Trainer.fit` stopped: `max_steps="
 TRAIN_LOG_START = "][nemo_controlnet.training.run][INFO] - run_dir "  # the first line of each start in train.log
 ERROR_LINE = re.compile(r"^(?:controlnet-train: error: .*|\S*(?:Error|Exception|Interrupt)\b.*)$")
 LOGGED_ERROR = re.compile(r"\]\[ERROR\] - (.*)$")
-# The step progress bar: "step:  45%|...| 45/100 [", or "Training: |...| 99/? [" after a resume.
+# The step progress bar: "step:  45%|...| 45/100 [" (logs of older versions: "Training: |...| 99/? [" after a resume).
 PROGRESS = re.compile(r"(?:step|Training):[^|\n]*\|[^|\n]*\|\s*(\d+)/(\d+|\?) \[")
 LOG_RECORD_START = re.compile(r"(?<=[^\n])(?=\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}\]\[)")
 GRID = re.compile(r"^step_(\d+)\.png$")
