@@ -283,11 +283,12 @@ def dataset_tab(app: App) -> dict:
         cancel = gr.Button("Cancel", elem_id="ds-cancel")
         resume = gr.Button("Resume", elem_id="ds-resume")
     bar = gr.HTML("", elem_id="ds-bar")
-    status = gr.Markdown("", elem_id="ds-status")
+    status = gr.Markdown("", elem_id="ds-status")  # the job's state, from the timer
+    message = gr.Markdown("", elem_id="ds-message")  # what the last button did (the timer never overwrites it)
     skipped = gr.Dataframe(headers=["file", "reason"], label="Skipped files", elem_id="ds-skipped", interactive=False)
-    start.click(app.start_prep, inputs, [out, status, bar, *errors])
-    cancel.click(app.cancel_prep, [out], [status])
-    resume.click(app.resume_prep, [out], [status])
+    start.click(app.start_prep, inputs, [out, message, bar, *errors])
+    cancel.click(app.cancel_prep, [out], [message])
+    resume.click(app.resume_prep, [out], [message])
     gr.Timer(1.0).tick(app.prep_status, [out], [bar, status, skipped])
     return c
 
