@@ -312,12 +312,11 @@ class StepProgressBar(TQDMProgressBar):
         # Here too: a run resumed in mid-epoch gets no on_train_epoch_start (it showed "Training: 5/?").
         self._in_steps(trainer)
 
-    def on_train_epoch_start(self, trainer, *_):
+    def on_train_epoch_start(self, trainer, *_):  # instead of Lightning's ("Epoch N", a batch count)
         self._in_steps(trainer)
 
     def _in_steps(self, trainer) -> None:
-        bar = self.train_progress_bar
-        bar.set_description("step", refresh=False)
+        bar = self.train_progress_bar  # named "step" at its creation (train_description)
         if bar.total != trainer.max_steps:  # once: the endless stream is one Lightning epoch
             bar.reset(total=trainer.max_steps)
             self._show(bar, trainer.global_step)
