@@ -308,9 +308,9 @@ def describe(state: JobState | None) -> tuple[str, str]:
     p = state.progress
     done = (p.samples_done if p.samples_total is not None else p.units_done) if p else 0
     total = (p.samples_total if p.samples_total is not None else p.units_total) if p else 0
-    if state.state == "done":
-        done = total = max(total, 1) if not total else total
-    percent = 100.0 * done / total if total else (100.0 if state.state == "done" else 0.0)
+    if state.state == "done":  # everything there was to do (a resume with nothing left: 1 / 1)
+        done = total = total or 1
+    percent = 100.0 * done / total if total else 0.0
     bar = f'<progress id="prep-progress" value="{done}" max="{max(total, 1)}" style="width:100%"></progress>'
     parts = [f"{state.state}", f"{done} / {total}", f"{percent:.0f}%"]
     if p is not None:
