@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 PRECISIONS = {"32", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64", "64-true"}
 PREDICTION_TYPES = {"epsilon", "v_prediction"}
-PREP_MODES = ("shards", "precompute", "merge", "encode")
+PREP_MODES = ("shards", "precompute", "merge", "encode", "residuals")
 LR_SCHEDULERS = {"constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"}
 MODEL_NODES = (
     "unet_config",
@@ -479,7 +479,56 @@ def validate_train_config(cfg: DictConfig) -> None:
             f"model.control_stage_config.conditioning_embedding_out_channels={list(hint_encoder)}: the original "
             "single-file format (export.original=true) needs 4 entries; set export.original=false or use 4"
         )
+    check_aux_loss(c)
     c.raise_if_any("training")
+
+
+AUX_LOSSES = ("none", "edge_loss", "masked_recon")
+
+
+def aux_loss_problems(controlnet_cfg, num_train_timesteps: int | None = None,
+                      hint_channels: int | None = None) -> list[str]:  # fmt: skip
+    """What is wrong with the ``controlnet.aux_*`` keys (training/aux_loss.py), one message per key, naming
+    it; the scheduler's range and the hint's channels are checked where they are known."""
+    cfg = controlnet_cfg if controlnet_cfg is not None else {}
+    kind = cfg.get("aux_loss") or "none"
+    if kind not in AUX_LOSSES:
+        return [f"controlnet.aux_loss={kind!r}: expected one of {list(AUX_LOSSES)}"]
+    problems: list[str] = []
+    if kind == "none":
+        return problems
+    weight = cfg.get("aux_loss_weight", 0.1)
+    if not (_number(weight) and weight >= 0):
+        problems.append(f"controlnet.aux_loss_weight={weight!r}: expected a number >= 0")
+    if kind == "edge_loss":
+        t_max, top = cfg.get("aux_t_max", 200), (num_train_timesteps or 0) - 1
+        if not (_nonneg_int(t_max) and (not num_train_timesteps or t_max <= top)):
+            where = f" (the scheduler's timesteps are 0..{top})" if num_train_timesteps else ""
+            problems.append(f"controlnet.aux_t_max={t_max!r}: expected an integer timestep >= 0{where}")
+        if hint_channels is not None and hint_channels not in (1, 3):
+            problems.append(f"model.hint_channels={hint_channels!r}: expected 1 or 3 for controlnet.aux_loss="
+                            "edge_loss (an edge-map hint)")  # fmt: skip
+    if kind == "masked_recon":
+        dilate, mask_key = cfg.get("aux_mask_dilate", 3), cfg.get("aux_mask_key", "mask")
+        if not _nonneg_int(dilate):
+            problems.append(f"controlnet.aux_mask_dilate={dilate!r}: expected an integer >= 0 (pixels)")
+        if not (isinstance(mask_key, str) and mask_key and "." not in mask_key):
+            problems.append(f"controlnet.aux_mask_key={mask_key!r}: expected a member name without extension, "
+                            "such as mask (mask.png)")  # fmt: skip
+    return problems
+
+
+def check_aux_loss(c: _Checker) -> None:
+    """``controlnet.aux_*`` (training/aux_loss.py), and that the loader reads the mask masked_recon names."""
+    node = OmegaConf.select(c.cfg, "controlnet", default=None)
+    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else {}
+    steps = OmegaConf.select(c.cfg, "model.scheduler_config.num_train_timesteps", default=None)
+    channels = OmegaConf.select(c.cfg, "model.hint_channels", default=None)
+    c.errors += aux_loss_problems(values, steps if _pos_int(steps) else None, channels if _is_int(channels) else None)
+    mask_key, wanted = OmegaConf.select(c.cfg, "data.mask_key", default=None), values.get("aux_mask_key", "mask")
+    if values.get("aux_loss") == "masked_recon" and mask_key != wanted:
+        c.errors.append(f"data.mask_key={mask_key!r}: the loader must read the mask that controlnet.aux_mask_key="
+                        f"{wanted!r} names (leave data.mask_key at its default, which follows it)")  # fmt: skip
 
 
 CAPTION_MODES = ("missing", "overwrite", "prefix")
@@ -522,7 +571,7 @@ def validate_prep_config(cfg: DictConfig) -> None:
     c = _Checker(cfg)
     c.check("mode", lambda v: v in PREP_MODES, f"one of {list(PREP_MODES)}")
     mode = OmegaConf.select(cfg, "mode", default=None)
-    if mode in ("shards", "merge", "encode"):
+    if mode in ("shards", "merge", "encode", "residuals"):
         c.check("out_dir", lambda v: isinstance(v, str) and v.strip(), f"a directory path (required for mode={mode})")
         check_output_dir(c, "out_dir")
     elif mode == "precompute":  # hints go to precompute.hints_dir, by default a folder under source.root

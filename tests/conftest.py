@@ -66,3 +66,22 @@ def slurm_cluster():
     cluster = SlurmCluster().start()
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def pretrained_controlnet(tmp_path_factory):
+    """A 'pretrained' ControlNet for the tiny base: copied from its UNet, zero convs made non-zero."""
+    import torch
+    from diffusers import ControlNetModel
+
+    from nemo_controlnet.models.stack import build_stack
+
+    cfg = compose_train([])
+    net = ControlNetModel.from_unet(build_stack(cfg.model).unet, conditioning_embedding_out_channels=(16, 32, 96, 256))
+    torch.manual_seed(0)
+    for name, p in net.named_parameters():
+        if "controlnet_down_blocks" in name or "controlnet_mid_block" in name:
+            p.data.normal_(0, 0.1)
+    path = tmp_path_factory.mktemp("pretrained") / "controlnet"
+    net.save_pretrained(path)
+    return path

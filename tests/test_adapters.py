@@ -193,22 +193,6 @@ def test_impossible_combinations_are_refused_naming_the_key():
         make_adapter_config("dora", 4, 4, TARGETS)
 
 
-@pytest.fixture(scope="module")
-def pretrained_controlnet(tmp_path_factory):
-    """A 'pretrained' ControlNet for the tiny base: copied from its UNet, zero convs made non-zero."""
-    from diffusers import ControlNetModel
-
-    cfg = compose_train([])
-    net = ControlNetModel.from_unet(build_stack(cfg.model).unet, conditioning_embedding_out_channels=(16, 32, 96, 256))
-    torch.manual_seed(0)
-    for name, p in net.named_parameters():
-        if "controlnet_down_blocks" in name or "controlnet_mid_block" in name:
-            p.data.normal_(0, 0.1)
-    path = tmp_path_factory.mktemp("pretrained") / "controlnet"
-    net.save_pretrained(path)
-    return path
-
-
 def _adapter_cfg(train_cfg, pretrained, *overrides):
     from omegaconf import OmegaConf
 

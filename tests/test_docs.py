@@ -157,7 +157,8 @@ def test_the_docs_have_our_commands():
     assert len(commands) >= 25, texts
     assert {c.where.split(":")[0] for c in commands} == {
         "README.md", "docs/architecture.md", "docs/data.md", "docs/performance.md", "docs/slurm.md", "docs/ui.md",
-        "docs/migrating_from_nemo.md", "docs/diffusers_arguments.md", "examples/fill50k/README.md"}
+        "docs/migrating_from_nemo.md", "docs/diffusers_arguments.md", "docs/control_train.md",
+        "examples/fill50k/README.md"}
     assert {t.split()[0] for t in texts} >= {*(f"controlnet-{c}" for c in COMMANDS), "python"}, texts
     assert any(t.startswith("python -m nemo_controlnet.cli.train trainer=ddp_bf16") for t in texts)  # torchrun
     for text in NOT_RUN:  # the allow-list does not outlive its commands

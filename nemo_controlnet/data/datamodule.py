@@ -64,6 +64,7 @@ def make_decoder(
         seed=seed,
         cached=cached,
         missing_caption=data_cfg.get("missing_caption", "empty"),
+        mask_key=data_cfg.get("mask_key"),  # follows controlnet.aux_mask_key (conf/data/_common.yaml)
     )
 
 
@@ -156,6 +157,12 @@ class ShardDataModule(L.LightningDataModule):
         self.table = None  # indexed access: data.indexed.SampleTable
         self.buckets: list[tuple[int, int]] | None = None
         self.bucket_of = None
+
+    def map_samples(self, stage) -> None:
+        """Wrap the sample decoder in a per-sample stage (``stage(decoder)`` -> a decoder-like callable, such as
+        ``data.residuals.ResidualStage``: precomputed residuals by key); before ``train_dataloader()``."""
+        self.decoder = stage(self.decoder)
+        log.info("training samples pass through %s", type(self.decoder).__name__)
 
     def setup(self, stage: str) -> None:
         if int(self.cfg.num_workers) > 0:

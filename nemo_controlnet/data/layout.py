@@ -1,5 +1,5 @@
 """What prep writes and loading reads, named once: manifest and cached-member names, the image
-extensions of a folder, where a precomputed hint sits beside its image."""
+extensions of a folder, the mask member, where a precomputed hint sits beside its image."""
 
 from __future__ import annotations
 
@@ -11,6 +11,17 @@ MANIFEST = "manifest.json"
 # Members of shards written by ``controlnet-prep mode=encode``.
 LATENT_MEMBER, TEXT_MEMBER, POOLED_MEMBER = "latent.npy", "text.npy", "pooled.npy"
 SDXL_META = "sdxl"  # the ``json`` member's key for SDXL micro-conditioning: original_size, crop_top_left
+
+# An optional per-sample mask (controlnet.aux_loss=masked_recon): the member ``<mask_key>.png`` (single
+# channel, white = inside), the batch's ``mask`` (uint8 1xHxW, 0 or 255) with ``mask_present`` (bool per
+# sample) when only some samples of a batch have one.
+MASK, MASK_PRESENT = "mask", "mask_present"
+
+
+def mask_member(mask_key: str) -> str:
+    """The tar member (the sample dict's key) holding a sample's mask."""
+    return f"{mask_key}.png"
+
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 

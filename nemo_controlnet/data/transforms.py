@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from nemo_controlnet.data.decode import load_hint, load_image, open_image
+from nemo_controlnet.data.layout import MASK
 
 
 Size = int | tuple[int, int]  # a square side, or a (width, height) target (an aspect bucket)
@@ -137,11 +138,14 @@ def normalize_hint(t: torch.Tensor) -> torch.Tensor:
 
 
 def normalize_batch(batch: dict, control_key: str = "hint") -> dict:
-    """uint8 image/hint -> image float [-1, 1], hint float [0, 1]; float tensors pass unchanged."""
+    """uint8 image/hint -> image float [-1, 1], hint float [0, 1]; float tensors pass unchanged. A
+    ``mask`` (uint8 0/255, data/layout.py) becomes float 0/1 like the hint."""
     if "image" in batch:
         batch["image"] = normalize_image(batch["image"])
     if control_key in batch:
         batch[control_key] = normalize_hint(batch[control_key])
+    if MASK in batch:
+        batch[MASK] = normalize_hint(batch[MASK])
     return batch
 
 

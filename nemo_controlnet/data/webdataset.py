@@ -34,7 +34,16 @@ from webdataset.filters import _shuffle
 from webdataset.utils import pytorch_worker_info
 
 from nemo_controlnet.data.decode import BadSample, decode_caption, load_array, load_hint_array, open_image, read_npy
-from nemo_controlnet.data.layout import LATENT_MEMBER, MANIFEST, POOLED_MEMBER, SDXL_META, TEXT_MEMBER
+from nemo_controlnet.data.layout import (
+    LATENT_MEMBER,
+    MANIFEST,
+    MASK,
+    MASK_PRESENT,
+    POOLED_MEMBER,
+    SDXL_META,
+    TEXT_MEMBER,
+    mask_member,
+)
 from nemo_controlnet.data.tarshards import shard_samples
 from nemo_controlnet.data.transforms import ResizeCrop, to_uint8_chw
 
@@ -111,6 +120,7 @@ class SampleDecoder:
         cached: bool = False,
         keep_meta: bool = False,
         missing_caption: str = "empty",
+        mask_key: str | None = None,
     ):
         self.resolution = resolution
         self.image_key, self.hint_key, self.caption_key = image_key, hint_key, caption_key
@@ -128,6 +138,8 @@ class SampleDecoder:
         if missing_caption not in MISSING_CAPTION:
             raise ValueError(f"data.missing_caption={missing_caption!r}: use one of {list(MISSING_CAPTION)}")
         self.missing_caption = missing_caption
+        # A sample's ``<mask_key>.png`` member, where it has one, becomes its ``mask`` (layout.MASK).
+        self.mask_member = mask_member(mask_key) if mask_key else None
         self.notes: Counter = Counter()  # samples used with a substitute (a missing caption), by reason
 
     def caption(self, sample: dict, where: str) -> str:
@@ -163,6 +175,11 @@ class SampleDecoder:
         }
         if POOLED_MEMBER in sample:
             out["pooled_text_embeds"] = torch.from_numpy(read_npy(sample[POOLED_MEMBER], "pooled"))
+        if self.mask_member and sample.get(self.mask_member) is not None:
+            mask = load_hint_array(sample[self.mask_member], "mask")[0]
+            if mask.shape[:2] != hint.shape[:2]:
+                raise BadSample("size_mismatch", f"mask {mask.shape[1::-1]} vs hint {hint.shape[1::-1]}")
+            out[MASK] = binary_mask(mask)
         return out
 
     def __call__(self, sample: dict) -> dict:
@@ -180,6 +197,10 @@ class SampleDecoder:
             hint = open_image(stored, "hint") if stored is not None else None
             if hint is not None and hint.size != image.size:
                 raise BadSample("size_mismatch", f"image {image.size} vs hint {hint.size}")
+            mask_data = sample.get(self.mask_member) if self.mask_member else None
+            mask = open_image(mask_data, "mask") if mask_data is not None else None
+            if mask is not None and mask.size != image.size:
+                raise BadSample("size_mismatch", f"image {image.size} vs mask {mask.size}")
             # Geometry from the full size, before any reduced decoding: image and hint share it.
             original_size = (image.height, image.width)
             # The sample's aspect bucket (width, height) when the sampler chose one, else the square side.
@@ -188,6 +209,7 @@ class SampleDecoder:
             # uint8 arrays from here to collate: no PIL image, no float, one copy per step
             image, _ = load_array(image, "image", draft_size=geometry.resized, encoded=encoded)
             hint = load_hint_array(hint, encoded=stored)[0] if hint is not None else None
+            mask = load_hint_array(mask, "mask", encoded=mask_data)[0] if mask is not None else None
             caption = self.caption(sample, where)
         except BadSample as e:
             raise BadSample(e.reason, f"{where}: {e.detail}" if e.detail else where) from e
@@ -202,12 +224,19 @@ class SampleDecoder:
             "original_size": torch.tensor(original_size),
             "crop_top_left": torch.tensor((geometry.box[1], geometry.box[0])),
         }
+        if mask is not None:  # the image's geometry: crop, resize and flip alike
+            out[MASK] = binary_mask(geometry.apply(mask, "hint"))
         if self.keep_meta:
             try:
                 out["meta"] = json.loads(sample["json"]) if sample.get("json") else {}
             except ValueError:
                 out["meta"] = {}
         return out
+
+
+def binary_mask(arr) -> torch.Tensor:
+    """A decoded mask (grey or RGB, resized) -> uint8 1xHxW, 255 inside (white), 0 outside."""
+    return (to_uint8_chw(arr, 1) > 127).to(torch.uint8) * 255
 
 
 def collate(samples: list[dict]) -> dict:
@@ -218,6 +247,13 @@ def collate(samples: list[dict]) -> dict:
     copied into shared memory when it is sent: 12 MB per 8 samples at 512 px)."""
     shared = torch.utils.data.get_worker_info() is not None
     out = {}
+    with_mask = [MASK in s for s in samples]
+    if any(with_mask) and not all(with_mask):
+        # Only some samples have a mask member: the others get an empty one (a batch has one size), and the
+        # batch says which samples have their own.
+        empty = torch.zeros_like(next(s[MASK] for s in samples if MASK in s))
+        samples = [{**s, MASK: s.get(MASK, empty), MASK_PRESENT: torch.tensor(has)}
+                   for s, has in zip(samples, with_mask, strict=True)]  # fmt: skip
     for key, value in samples[0].items():
         if not torch.is_tensor(value):
             out[key] = [s[key] for s in samples]

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 
@@ -19,7 +20,7 @@ log = logging.getLogger(__name__)
 
 OFFLOAD_STRATEGIES = ("none", "accelerate", "manual_swap")
 RESIDUAL_STORAGE = ("gpu", "cpu_pinned")
-ADAPTER_TYPES = ("lora", "lokr")
+ADAPTER_TYPES = ("lora", "lokr", "control_lora")  # control_lora: its own mode (training/modes/control_lora.py)
 
 
 def check_adapter_options(offload: str, storage: str, cuda: bool, dev_mode: bool = False) -> None:
@@ -38,8 +39,13 @@ def check_adapter_options(offload: str, storage: str, cuda: bool, dev_mode: bool
 
 def check_adapter_run(cfg, cuda: bool) -> None:
     """A training config's ``adapter``/``controlnet`` blocks, before anything loads."""
-    c = cfg.get("controlnet") or {}
-    if not cfg.get("adapter"):
+    c, a = cfg.get("controlnet") or {}, cfg.get("adapter")
+    if not a:
+        return
+    if a.get("type") not in ADAPTER_TYPES:
+        raise ValueError(f"adapter.type={a.get('type')!r}: use one of {ADAPTER_TYPES}")
+    if a.type == "control_lora":  # a ControlNet copied from the base, not a pretrained one: no controlnet.* keys
+        check_control_lora_run(cfg)
         return
     check_adapter_options(c.get("offload_strategy", "none"), c.get("residual_storage", "gpu"), cuda,
                           bool(c.get("dev_mode", False)))  # fmt: skip
@@ -53,6 +59,21 @@ def check_adapter_run(cfg, cuda: bool) -> None:
     log.info("adapter mode: controlnet.train=%s", bool(c.get("train", False)))
 
 
+def check_control_lora_run(cfg) -> None:
+    """``adapter.type=control_lora``: a LoRA on a ControlNet copied from the locked UNet."""
+    a = cfg.adapter
+    if not (isinstance(a.get("rank"), int) and a.rank > 0):
+        raise ValueError(f"adapter.rank={a.get('rank')!r}: a positive integer (the LoRA's rank)")
+    if a.get("target_modules") is not None and not list(a.target_modules):
+        raise ValueError("adapter.target_modules=[]: name the layers that get a LoRA (e.g. to_q, conv1), or null")
+    if cfg.model.get("sd_locked") is False:
+        raise ValueError("adapter.type=control_lora with model.sd_locked=false: a Control-LoRA is a low-rank update "
+                         "of a copy of the locked UNet's encoder; keep model.sd_locked=true")  # fmt: skip
+    if (cfg.model.get("control_stage_config") or {}).get("pretrained"):
+        raise ValueError(f"model.control_stage_config.pretrained={cfg.model.control_stage_config.pretrained}: "
+                         "adapter.type=control_lora copies the locked UNet's encoder; leave it null")  # fmt: skip
+
+
 def make_adapter_config(kind: str, rank: int, alpha: float, target_modules: list[str], dropout: float = 0.0):
     """A peft config: LoRA, or LoKr (peft's Kronecker-product adapter)."""
     from peft import LoKrConfig, LoraConfig
@@ -62,6 +83,9 @@ def make_adapter_config(kind: str, rank: int, alpha: float, target_modules: list
                           init_lora_weights="gaussian")  # fmt: skip
     if kind == "lokr":
         return LoKrConfig(r=rank, alpha=alpha, target_modules=list(target_modules), rank_dropout=dropout)
+    if kind == "control_lora":
+        raise ValueError("adapter.type=control_lora is a mode of its own (a LoRA on the ControlNet, not the UNet): "
+                         "training_mode=control_lora, or no training_mode")  # fmt: skip
     raise ValueError(f"adapter.type={kind!r}: use one of {ADAPTER_TYPES}")
 
 
@@ -125,6 +149,7 @@ class ControlResiduals:
         ]
 
     def _swap(self, to_device: bool) -> None:
+        start = time.perf_counter()
         for (module, kind, name), host in self._host.items():
             # copy=True: a fresh device copy even when the "device" is the CPU (dev mode tests the path)
             data = host.to(self.device, non_blocking=True, copy=True) if to_device else host
@@ -132,6 +157,11 @@ class ControlResiduals:
                 module._parameters[name].data = data
             else:
                 module._buffers[name] = data
+        if log.isEnabledFor(logging.DEBUG):  # the copies are non-blocking: the time is the host's, not the copy's
+            size = sum(t.numel() * t.element_size() for t in self._host.values())
+            log.debug("manual_swap: ControlNet %s %s: %d tensors, %.2f MiB, %.2f ms on the host",
+                      "host -> device" if to_device else "device -> host (device copy dropped)", self.device,
+                      len(self._host), size / 2**20, (time.perf_counter() - start) * 1e3)  # fmt: skip
 
     @torch.no_grad()
     def __call__(self, noisy_latents, timesteps, encoder_hidden_states, hint, scale=1.0, added_cond_kwargs=None):

@@ -59,6 +59,10 @@ class PrepJob(JobControl):
             from nemo_controlnet.prep.encode import encode_shards  # imports the model stack
 
             summary = encode_shards(self.cfg, self)
+        elif mode == "residuals":
+            from nemo_controlnet.prep.residuals import residual_files  # imports the model stack
+
+            summary = residual_files(self.cfg, self)
         else:
             summary = make_shards(self.cfg, self)
         summary["cancelled"] = self.cancelled()

@@ -93,25 +93,37 @@ def save_step_checkpoint(trainer, dirpath: Path, step: int) -> bool:
 class StepMetrics(_StepBoundary):
     """Logs ``train/loss`` (the mean over the step's micro-batches) at every ``log_every_n_steps``-th
     optimizer step, under that step's number, from ``on_train_batch_end``: before the checkpoint
-    of the same step is written (Lightning would log it only after every callback had run)."""
+    of the same step is written (Lightning would log it only after every callback had run). With an
+    auxiliary loss (training/aux_loss.py), its weighted term too, as ``train/<aux_loss>``, in the same sync."""
 
     def __init__(self, every_n_steps: int):
         self.every = max(1, int(every_n_steps))
         self._losses: list[torch.Tensor] = []
+        self._aux: list[torch.Tensor] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is not None:
             self._losses.append(loss.detach())
+        aux = getattr(pl_module, "aux_loss", None)
+        if aux is not None and aux.last is not None:
+            self._aux.append(aux.last)  # already detached, on the device: no sync here
+            aux.last = None
         if not self.stepped(trainer):
             return
         step, losses, self._losses = trainer.global_step, self._losses, []
+        aux_terms, self._aux = self._aux, []
         if step % self.every == 0 and losses and trainer.loggers:
-            # Lightning hands over the loss divided by the accumulation count; undo that.
-            mean = torch.stack(losses).float().mean() * trainer.accumulate_grad_batches
-            value = mean.item()  # a sync every N steps only
+            # Lightning hands over the loss divided by the accumulation count; undo that (not the aux term's).
+            means = [torch.stack(losses).float().mean() * trainer.accumulate_grad_batches]
+            if aux_terms:
+                means.append(torch.stack(aux_terms).float().mean().to(means[0].device))
+            values = torch.stack(means).tolist()  # a sync every N steps only
+            metrics = {"train/loss": values[0]}
+            if aux_terms:
+                metrics[f"train/{aux.name}"] = values[1]
             for logger in trainer.loggers:  # every one of report_to's (trainer.logger is only the first)
-                logger.log_metrics({"train/loss": value}, step=step)
+                logger.log_metrics(metrics, step=step)
 
 
 PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A6000": 155.0, "4090": 165.0}

@@ -10,13 +10,15 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from nemo_controlnet.data.transforms import normalize_batch
 from nemo_controlnet.models.families import family_for
 from nemo_controlnet.models.stack import compute_dtype, encoder_fingerprint, fingerprint, freeze
+from nemo_controlnet.training.aux_loss import make_aux_loss
 from nemo_controlnet.training.distributed import clean_name, is_fsdp
 from nemo_controlnet.training.modes import TrainingMode, make_mode
+from nemo_controlnet.training.schedule import check_roles, parse_schedule
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,7 @@ class ControlNetModule(L.LightningModule):
         adapter_cfg: DictConfig | None = None,
         controlnet_cfg: DictConfig | None = None,
         mode: TrainingMode | DictConfig | str | None = None,
+        research: DictConfig | None = None,
     ):
         super().__init__()
         self.model_cfg, self.optim_cfg = model_cfg, optim_cfg
@@ -42,6 +45,11 @@ class ControlNetModule(L.LightningModule):
         self.proportion_empty_prompts = float(model_cfg.proportion_empty_prompts)
         self.locked_dtype = compute_dtype(precision)
         self.training_mode = make_mode(mode, model_cfg, adapter_cfg, controlnet_cfg)
+        # control_training_schedule, schedule, controlnet_reroute, residuals (training/run.py research_options)
+        self.research = research if research is not None else OmegaConf.create({})
+        self.reroute = str(self.research.get("controlnet_reroute") or "always")
+        self.schedule = parse_schedule(self.research)  # before anything loads: a bad key fails in seconds
+        self.aux_loss = make_aux_loss(controlnet_cfg)  # None: controlnet.aux_loss=none
         self.family = family_for(model_cfg)
 
         stack = self.family.build_stack(model_cfg)
@@ -59,6 +67,11 @@ class ControlNetModule(L.LightningModule):
         self.training_mode.unlock(self)
         log.info("mode %s (%s family): locked parts in %s; trainable: %s", self.training_mode.name, self.family.name,
                  self.locked_dtype, self.training_mode.describe(self))  # fmt: skip
+        if not self.schedule.standard:
+            check_roles(self.schedule, self.training_mode.param_groups(self, optim_cfg), self.training_mode.name)
+            log.info("control_training_schedule=%s: phases %s, %d optimizer step(s) each", self.schedule.kind,
+                     list(self.schedule.phases), self.schedule.period)  # fmt: skip
+        self._phase_logged: int | None = None  # the phase of the last optimizer step (logged when it changes)
         # Checkpoints hold only the trainable weights; the locked ones come from the config.
         self.strict_loading = False
         self.data_position: tuple[int, int] = (0, -1)
@@ -135,14 +148,24 @@ class ControlNetModule(L.LightningModule):
     def diffusion_loss(self, batch: dict, drop_captions: bool = True) -> torch.Tensor:
         """The family's objective on the mode's controlled prediction: MSE to the target."""
         with torch.no_grad():
-            latents = self.family.latents(self, batch, self.locked_dtype)
+            # Precomputed residuals (controlnet_reroute=precompute, data/residuals.py) bring their latents, and the
+            # loader drew the caption dropout they were made for: no VAE when every row has them, and no redraw.
+            stored = batch.get("residual_state")  # per sample "hit" | "miss", on the host
+            if stored is not None and "miss" not in stored:
+                latents = batch["residual_latents"].float()
+            else:
+                latents = self.family.latents(self, batch, self.locked_dtype)
+            drop_captions = drop_captions and stored is None
             cond = self.family.conditioning(self, batch, self.text_conditioning(batch, drop_captions), latents)
             layout = torch.channels_last if self.channels_last else torch.contiguous_format
             latents = latents.contiguous(memory_format=layout)
-        noisy, timesteps, target = self.family.noise(self, latents)
+        noisy, timesteps, target = self.training_mode.noise(self, batch, latents)
         residuals = self.training_mode.control_residuals(self, batch, noisy, timesteps, cond)
         pred = self.family.denoise(self.unet, noisy, timesteps, cond, residuals)
-        return F.mse_loss(pred.float(), target.float())
+        loss = F.mse_loss(pred.float(), target.float())
+        if self.aux_loss is not None:
+            loss = loss + self.aux_loss(self, batch, latents, noisy, timesteps, pred, target)
+        return loss
 
     def on_train_start(self) -> None:
         # Every rank was seeded alike (the same random init everywhere); noise must differ per
@@ -170,12 +193,37 @@ class ControlNetModule(L.LightningModule):
                 "first batch: %s",
                 ", ".join(f"{k} {tuple(v.shape)} {v.dtype} {v.device}" for k, v in batch.items() if torch.is_tensor(v)),
             )
-        loss = self.diffusion_loss(batch)
+            probes = self._probe_control_tensors(batch) if log.isEnabledFor(logging.DEBUG) else []
+            try:
+                loss = self.diffusion_loss(batch)
+            finally:
+                for handle in probes:
+                    handle.remove()
+        else:
+            loss = self.diffusion_loss(batch)
         self.data_position = tuple(batch["data_position"])
         # Rank 0's loss: averaging over ranks would cost an all-reduce every step. The progress bar
         # shows it here; callbacks.StepMetrics logs it, before the step's checkpoint is written.
         self.log("train/loss", loss, prog_bar=True, logger=False, batch_size=len(batch["caption"]))
         return loss
+
+    def _probe_control_tensors(self, batch: dict) -> list:
+        """DEBUG, first batch: where the control tensors live. The hint as the step gets it, the ControlNet's
+        residuals as it returns them and the residuals as the UNet receives them (hooks, removed after)."""
+        log.debug("control: hint %s (control_key %s, controlnet_reroute=%s)", _tensors(batch.get(self.control_key)),
+                  self.control_key, self.reroute)  # fmt: skip
+        handles = []
+        if self.controlnet is not None:
+            handles.append(self.controlnet.register_forward_hook(
+                lambda m, args, out: log.debug("control: the ControlNet's residuals %s", _tensors(out))))  # fmt: skip
+
+        def unet_inputs(m, args, kwargs):
+            residuals = [kwargs.get("down_block_additional_residuals"), kwargs.get("mid_block_additional_residual")]
+            received = [r for r in residuals if r is not None]
+            log.debug("control: the UNet receives residuals %s", _tensors(received) if received else "none")
+
+        handles.append(self.unet.register_forward_pre_hook(unet_inputs, with_kwargs=True))
+        return handles
 
     # -- optimizer -------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -203,6 +251,32 @@ class ControlNetModule(L.LightningModule):
         )  # fmt: skip
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_before_optimizer_step(self, optimizer) -> None:
+        # control_training_schedule: the groups whose role rests this step lose their gradients, so AdamW
+        # neither moves nor decays them (it skips a parameter without a gradient; its moments wait). Once per
+        # optimizer step, after the accumulated backward passes and before clipping (whose norm then covers
+        # only what trains); global_step counts optimizer steps, so the phase survives accumulation and resume.
+        if self.schedule.standard:
+            return
+        step = self.trainer.global_step
+        for group in optimizer.param_groups:
+            if not self.schedule.active(group.get("role"), step):
+                for p in group["params"]:
+                    p.grad = None
+        self._log_phase(step)
+
+    def _log_phase(self, step: int) -> None:
+        """The phase to the loggers under the step's number (as StepMetrics logs train/loss: after this
+        optimizer step global_step is step + 1), before any callback writes that step's checkpoint; a host
+        integer, no device sync."""
+        index = self.schedule.phase_index(step)
+        for logger in self.trainer.loggers:
+            logger.log_metrics({"train/phase": float(index)}, step=step + 1)
+        if index != self._phase_logged:
+            self._phase_logged = index
+            level = logging.DEBUG if self.schedule.kind == "alternate" else logging.INFO
+            log.log(level, "optimizer step %d: phase %d (%s trains)", step + 1, index, self.schedule.phases[index])
+
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
         # optim.set_grads_to_none (diffusers' --set_grads_to_none): None frees the gradients' memory between
         # steps (torch's default); false keeps zero-filled tensors
@@ -226,6 +300,8 @@ class ControlNetModule(L.LightningModule):
             "base_fingerprint": self.base_fingerprint,
             "sd_locked": self.sd_locked,
             **self.training_mode.checkpoint_meta(self),
+            "schedule": self.schedule.record(),
+            "reroute": self.reroute,
             "data_position": list(self.data_position),
             # Noise, timesteps and caption dropout continue where they were instead of replaying
             # the draws of step 0 (this rank's generator; ranks are seeded alike).
@@ -246,6 +322,7 @@ class ControlNetModule(L.LightningModule):
                 f"checkpoint was trained over base model {meta['base_fingerprint']}, but this config builds "
                 f"{self.base_fingerprint}: resume with the run's own model config, or start over with resume=false"
             )
+        self._refuse_other_options(meta)
         missing = sorted(set(self.trainable_named_parameters()) - set(checkpoint["state_dict"]))
         if missing:
             raise RuntimeError(
@@ -257,6 +334,47 @@ class ControlNetModule(L.LightningModule):
             torch.set_rng_state(meta["torch_rng"])
         if meta.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(meta["cuda_rng"], self.device)
+
+    def _refuse_other_options(self, meta: dict) -> None:
+        """A resume under another adapter type, schedule or residual routing is refused, naming the key and
+        both values. A key the checkpoint lacks (written before it was recorded) is not compared."""
+        schedule, recorded = self.schedule.record(), meta.get("schedule") or {}
+        adapter = self.training_mode.checkpoint_meta(self).get("adapter")
+        checks = [  # (key, recorded?, the checkpoint's value, this run's)
+            ("adapter.type", "adapter" in meta, meta.get("adapter"), adapter),
+            ("control_training_schedule", "kind" in recorded, recorded.get("kind"), schedule["kind"]),
+            ("schedule.period", "period" in recorded, recorded.get("period"), schedule["period"]),
+            ("schedule.phases", "phases" in recorded, recorded.get("phases"), schedule["phases"]),
+            ("controlnet_reroute", "reroute" in meta, meta.get("reroute"), self.reroute),
+        ]  # fmt: skip
+        for key, present, theirs, ours in checks:
+            if present and theirs != ours:
+                raise RuntimeError(
+                    f"checkpoint was written with {key}={theirs!r}, but this run has {key}={ours!r}: resume with "
+                    "the run's own config, or start over with resume=false"
+                )
+
+
+def _tensors(value) -> str:
+    """'N tensor(s) on <devices> in <dtypes>' for a tensor or any nesting of them (tuples, lists, outputs)."""
+    found = []
+
+    def walk(v):
+        if torch.is_tensor(v):
+            found.append(v)
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                walk(x)
+        elif isinstance(v, dict):
+            for x in v.values():
+                walk(x)
+
+    walk(value)
+    if not found:
+        return "none"
+    devices = sorted({str(t.device) for t in found})
+    dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in found})
+    return f"{len(found)} tensor(s) on {', '.join(devices)} in {', '.join(dtypes)}"
 
 
 def adamw_8bit(groups: list[dict], o: DictConfig, device: torch.device):

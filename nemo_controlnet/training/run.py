@@ -39,6 +39,7 @@ from nemo_controlnet.training.hub import hub_model_id, push_to_hub
 from nemo_controlnet.training.loggers import make_loggers
 from nemo_controlnet.training.module import ControlNetModule
 from nemo_controlnet.training.perf import apply_performance, configure_threads
+from nemo_controlnet.training.schedule import parse_schedule
 from nemo_controlnet.training.validation import ValidationImages
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,7 @@ def train(cfg: DictConfig) -> tuple[L.Trainer, ControlNetModule]:
     drop_duplicate_lightning_console()
     validate_train_config(cfg)
     check_adapter_run(cfg, cuda=torch.cuda.is_available() and cfg.trainer.accelerator != "cpu")
+    check_research_options(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with ExitStack() as stack:
@@ -201,7 +203,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, ControlNetModule]
     L.seed_everything(cfg.seed, workers=True)
     module = ControlNetModule(cfg.model, cfg.optim, cfg.trainer.precision, seed=int(cfg.seed),
                               adapter_cfg=cfg.get("adapter"), controlnet_cfg=cfg.get("controlnet"),
-                              mode=cfg.get("training_mode"))  # fmt: skip
+                              mode=cfg.get("training_mode"), research=research_options(cfg))  # fmt: skip
     check_resolution(module, int(cfg.data.resolution))
     prepare_buckets(cfg, module)
     if encoded:
@@ -282,6 +284,34 @@ def load_run_config(run_dir: str | Path) -> DictConfig:
     return OmegaConf.load(path)
 
 
+REROUTES = ("always", "precompute", "none")
+
+
+def research_options(cfg: DictConfig) -> DictConfig:
+    """The run's research options (docs/control_train.md) the module needs: the training schedule, the
+    ControlNet's residual routing and the precomputed residuals' folder."""
+    keys = ("control_training_schedule", "schedule", "controlnet_reroute", "residuals")
+    return OmegaConf.create({k: cfg.get(k) for k in keys if cfg.get(k) is not None})
+
+
+def check_research_options(cfg: DictConfig) -> None:
+    """The schedule and the residual routing, before anything loads: each bad key fails in seconds, named."""
+    research = research_options(cfg)
+    parse_schedule(research)
+    reroute = str(research.get("controlnet_reroute") or "always")
+    if reroute not in REROUTES:
+        raise ValueError(f"controlnet_reroute={reroute!r}: use one of {REROUTES}")
+    if reroute != "always" and (cfg.get("adapter") or {}).get("type") in (None, "control_lora"):
+        raise ValueError(f"controlnet_reroute={reroute}: routes a frozen ControlNet's residuals under an adapter "
+                         "(adapter mode: +experiment=lora_frozen_controlnet); other modes use always")  # fmt: skip
+    residuals = research.get("residuals") or {}
+    if reroute == "precompute" and not residuals.get("dir"):
+        raise ValueError("controlnet_reroute=precompute needs residuals.dir (the out_dir of controlnet-prep "
+                         "mode=residuals)")  # fmt: skip
+    if str(residuals.get("on_mismatch") or "error") not in ("error", "on_the_fly"):
+        raise ValueError(f"residuals.on_mismatch={residuals.get('on_mismatch')!r}: use error or on_the_fly")
+
+
 def export_checkpoint(
     run_dir: str | Path, checkpoint: str | Path | None = None, original: bool = True, dtype: str = "fp16"
 ) -> Path:
@@ -293,7 +323,8 @@ def export_checkpoint(
     if path is None or not path.is_file():
         raise FileNotFoundError(f"no checkpoint to export in {run_dir / 'checkpoints'}")
     module = ControlNetModule(cfg.model, cfg.optim, cfg.trainer.precision, adapter_cfg=cfg.get("adapter"),
-                              controlnet_cfg=cfg.get("controlnet"), mode=cfg.get("training_mode"))  # fmt: skip
+                              controlnet_cfg=cfg.get("controlnet"), mode=cfg.get("training_mode"),
+                              research=research_options(cfg))  # fmt: skip
     state = AtomicCheckpointIO().load_checkpoint(path)
     module.on_load_checkpoint(state)
     module.load_state_dict(state["state_dict"], strict=False)

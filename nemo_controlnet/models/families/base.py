@@ -58,6 +58,17 @@ class ModelFamily(ABC):
     def noise(self, stack, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The training objective's draw: (noisy input, timesteps, regression target)."""
 
+    # Auxiliary losses (training/aux_loss.py) need these; a family without them cannot train with those.
+    def predicted_x0(self, stack, noisy: torch.Tensor, timesteps: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """The one-step estimate of the clean latents from the prediction at these timesteps, in float32,
+        differentiable with respect to ``pred``."""
+        raise NotImplementedError(f"the {self.name} family has no one-step x0 estimate (controlnet.aux_loss)")
+
+    def decode(self, stack, latents: torch.Tensor) -> torch.Tensor:
+        """Latents, scaled as ``latents`` returns them -> images in [-1, 1] (float32) through the locked
+        autoencoder, differentiable with respect to the latents (its weights stay frozen)."""
+        raise NotImplementedError(f"the {self.name} family has no latent decode (controlnet.aux_loss)")
+
     @abstractmethod
     def control_residuals(self, controlnet, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict,
                           hint: torch.Tensor, scale: float) -> Residuals:  # fmt: skip

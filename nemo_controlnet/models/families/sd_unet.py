@@ -106,6 +106,24 @@ class SDUNetFamily(ModelFamily):
         target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
         return noisy, timesteps, target
 
+    def predicted_x0(self, stack, noisy: torch.Tensor, timesteps: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """x0 from x_t = sqrt(a) x0 + sqrt(1 - a) eps, a the schedule's alphas_cumprod at t: from the epsilon
+        prediction, or from v = sqrt(a) eps - sqrt(1 - a) x0."""
+        scheduler = stack.noise_scheduler
+        prediction_type = scheduler.config.prediction_type
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"model.prediction_type={prediction_type!r}: use epsilon or v_prediction")
+        alphas = scheduler.alphas_cumprod.to(device=noisy.device, dtype=torch.float32)[timesteps]
+        alphas = alphas.view(-1, *[1] * (noisy.ndim - 1))
+        noisy, pred = noisy.float(), pred.float()
+        if prediction_type == "epsilon":
+            return (noisy - (1 - alphas).sqrt() * pred) / alphas.sqrt()
+        return alphas.sqrt() * noisy - (1 - alphas).sqrt() * pred
+
+    def decode(self, stack, latents: torch.Tensor) -> torch.Tensor:
+        vae = stack.vae  # an AutoencoderKL, or the weightless PixelAutoencoder (its dtype from its buffer)
+        return vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample.float()
+
     def control_residuals(self, controlnet, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict,
                           hint: torch.Tensor, scale: float) -> Residuals:  # fmt: skip
         return controlnet(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"],

@@ -3,9 +3,9 @@ LightningModule (``training/module.py``): which modules it builds, freezes and t
 parameter groups; the control residuals for a batch; what a checkpoint records; what is exported.
 
 A mode is chosen by ``training_mode=<name>`` (``conf/training_mode/<name>.yaml``: a ``_target_`` node);
-without one, the config decides as it always has: an ``adapter`` block -> adapter, no
-``model.control_stage_config`` -> base, else controlnet. Adding a mode: a subclass here (or anywhere
-importable) and a config entry.
+without one, the config decides as it always has: an ``adapter`` block -> adapter (control_lora when
+``adapter.type=control_lora``), no ``model.control_stage_config`` -> base, else controlnet. Adding a mode:
+a subclass here (or anywhere importable) and a config entry.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ _INFERRED = {
     "adapter": "nemo_controlnet.training.modes.adapter.AdapterMode",
     "base": "nemo_controlnet.training.modes.base.BaseMode",
     "controlnet": "nemo_controlnet.training.modes.controlnet.ControlNetMode",
+    "control_lora": "nemo_controlnet.training.modes.control_lora.ControlLoraMode",
 }
 
 
@@ -55,6 +56,10 @@ class TrainingMode:
         return self.name
 
     # -- the step --------------------------------------------------------------------------
+    def noise(self, module, batch: dict, latents: torch.Tensor):
+        """The step's (noisy input, timesteps, target): the family's draw (precomputed residuals bring their own)."""
+        return module.family.noise(module, latents)
+
     def control_residuals(self, module, batch: dict, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict):
         """The ControlNet's residuals for the step, or None (the base alone)."""
         return None
@@ -80,6 +85,8 @@ def make_mode(mode_cfg, model_cfg: DictConfig, adapter_cfg: DictConfig | None = 
         return mode_cfg
     if mode_cfg is None:
         name = "adapter" if adapter_cfg else "controlnet" if model_cfg.get("control_stage_config") else "base"
+        if adapter_cfg and adapter_cfg.get("type") == "control_lora":
+            name = "control_lora"
         target, options = _INFERRED[name], {}
     elif isinstance(mode_cfg, str):
         if mode_cfg not in _INFERRED:

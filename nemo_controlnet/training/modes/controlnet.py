@@ -41,11 +41,13 @@ class ControlNetMode(TrainingMode):
                                                module.control_scale)  # fmt: skip
 
     def param_groups(self, module, optim: DictConfig) -> list[dict]:
+        # role (training/schedule.py): the decoder is the ControlNet's partner on the base side, trained with it;
+        # a schedule's phases name controlnet | adapter, and this mode trains no adapter
         groups = [{"params": [p for p in module.controlnet.parameters() if p.requires_grad], "lr": optim.lr,
-                   "name": "controlnet"}]  # fmt: skip
+                   "name": "controlnet", "role": "controlnet"}]  # fmt: skip
         if not module.sd_locked:
             decoder = [p for part in module.family.decoder_modules(module) for p in part.parameters()]
-            groups.append({"params": decoder, "lr": optim.unet_lr, "name": "unet_decoder"})
+            groups.append({"params": decoder, "lr": optim.unet_lr, "name": "unet_decoder", "role": "controlnet"})
         return groups
 
     def export(self, module, run_dir: Path, metadata: dict, export_cfg: DictConfig, controlnet=None) -> Path:
