@@ -1,0 +1,118 @@
+"""The SD3 family (models/families/sd3.py): the tiny SD3 config trains, exports and samples; its text
+embeddings, hint latents and flow-matching draw are diffusers' own."""
+
+import logging
+
+import torch
+from diffusers import SD3ControlNetModel
+from omegaconf import OmegaConf
+
+from nemo_controlnet.models.families import family_for
+from nemo_controlnet.models.families.sd3 import SD3Family
+from nemo_controlnet.training.run import train
+from tests.conftest import compose_train
+
+
+def tiny_sd3():
+    cfg = compose_train(["model=tiny_sd3"])
+    family = family_for(cfg.model)
+    stack = family.build_stack(cfg.model)
+    return cfg, family, stack
+
+
+def test_tiny_sd3_trains_four_steps_and_exports_a_loadable_controlnet(train_cfg):
+    cfg = train_cfg("model=tiny_sd3", "trainer.max_steps=4")
+    trainer, module = train(cfg)
+    assert trainer.global_step == 4
+    assert module.family.name == "sd3"
+    assert type(module.unet).__name__ == "SD3Transformer2DModel"
+    # every locked part is frozen, T5 included (it rides in text_encoder_2)
+    assert not any(p.requires_grad for p in module.text_encoder_2.t5.parameters())
+    assert not any(p.requires_grad for p in module.unet.parameters())
+    exported = SD3ControlNetModel.from_pretrained(cfg.run_dir + "/controlnet")
+    assert exported.config.num_layers == 1 and exported.config.num_attention_heads == 4
+    for key, value in module.controlnet.state_dict().items():
+        assert torch.equal(exported.state_dict()[key], value), key
+    # the zero-initialised output blocks moved: the ControlNet learned something
+    assert any(b.weight.abs().sum() > 0 for b in exported.controlnet_blocks)
+
+
+def test_controlnet_copies_the_transformer_and_leaves_its_config_alone():
+    cfg, family, stack = tiny_sd3()
+    controlnet = family.make_controlnet(cfg.model, stack)
+    assert stack.unet.config["num_layers"] == 2  # diffusers' from_transformer writes 1 into this dict item
+    assert controlnet.config.num_layers == 1
+    block = stack.unet.transformer_blocks[0].state_dict()
+    for key, value in controlnet.transformer_blocks[0].state_dict().items():
+        assert torch.equal(block[key], value), key
+    assert all(p.abs().sum() == 0 for p in controlnet.pos_embed_input.parameters())
+
+
+def test_text_embeddings_are_the_pipelines():
+    cfg, family, stack = tiny_sd3()
+    pipe = family.pipeline(stack, None)
+    captions = ["a red circle on blue", ""]
+    states, pooled = family.encode_text(stack, captions)
+    expected, _, expected_pooled, _ = pipe.encode_prompt(
+        captions, captions, captions, do_classifier_free_guidance=False,
+        max_sequence_length=family.max_sequence_length,
+    )  # fmt: skip
+    assert states.shape == (2, 77 + family.max_sequence_length, stack.unet.config.joint_attention_dim)
+    assert pooled.shape == (2, stack.unet.config.pooled_projection_dim)
+    torch.testing.assert_close(states, expected)
+    torch.testing.assert_close(pooled, expected_pooled)
+
+
+def test_flow_matching_draw_and_x0_estimate():
+    cfg, family, stack = tiny_sd3()
+    torch.manual_seed(0)
+    latents = torch.randn(3, 16, 8, 8)
+    torch.manual_seed(1)
+    noisy, timesteps, target = family.noise(stack, latents)
+    assert timesteps.shape == (3,) and ((timesteps > 0) & (timesteps <= 1000)).all()
+    sigmas = family.sigmas(stack, timesteps)
+    noise = target + latents
+    torch.testing.assert_close(noisy, (1 - sigmas) * latents + sigmas * noise)
+    # the exact velocity gives back x0
+    torch.testing.assert_close(family.predicted_x0(stack, noisy, timesteps, target), latents)
+    assert torch.equal(family.loss_weighting(stack, timesteps), torch.ones_like(sigmas))
+    assert SD3Family("sigma_sqrt").loss_weighting(stack, timesteps).flatten().tolist() != [1.0] * 3
+
+
+def test_hint_is_vae_encoded_and_residuals_reach_the_transformer():
+    cfg, family, stack = tiny_sd3()
+    controlnet = family.make_controlnet(cfg.model, stack)
+    for block in controlnet.controlnet_blocks:  # away from zero, so the residuals are not all zero
+        torch.nn.init.normal_(block.weight, std=0.1)
+    batch = {"image": torch.rand(2, 3, 64, 64) * 2 - 1, "hint": torch.rand(2, 3, 64, 64)}
+    text = family.encode_text(stack, ["a", "b"])
+    latents = family.latents(stack, batch, torch.float32)
+    torch.manual_seed(0)
+    cond = family.conditioning(stack, batch, text, latents)
+    torch.manual_seed(0)
+    vae = stack.vae
+    expected = (vae.encode(batch["hint"] * 2 - 1).latent_dist.sample() - vae.config.shift_factor) * 1.5305
+    torch.testing.assert_close(cond["controlnet_cond"], expected)
+    noisy, timesteps, _ = family.noise(stack, latents)
+    residuals = family.control_residuals(controlnet, noisy, timesteps, cond, batch["hint"], 1.0)
+    assert len(residuals) == 1
+    controlled = family.denoise(stack.unet, noisy, timesteps, cond, residuals)
+    plain = family.denoise(stack.unet, noisy, timesteps, cond, None)
+    assert controlled.shape == latents.shape and not torch.allclose(controlled, plain)
+
+
+def test_pipeline_samples_with_the_controlnet():
+    cfg, family, stack = tiny_sd3()
+    controlnet = family.make_controlnet(cfg.model, stack)
+    pipe = family.pipeline(stack, controlnet)
+    out = pipe("a circle", control_image=torch.rand(1, 3, 64, 64), num_inference_steps=2, height=64, width=64,
+               output_type="pt", max_sequence_length=family.max_sequence_length).images  # fmt: skip
+    assert out.shape == (1, 3, 64, 64) and torch.isfinite(out).all()
+    assert OmegaConf.select(cfg, "model.family.weighting_scheme") == "logit_normal"
+
+
+def test_tiny_sd3_resumes(train_cfg, caplog):
+    train(train_cfg("model=tiny_sd3", "trainer.max_steps=2", "validation.num_samples=0"))
+    with caplog.at_level(logging.INFO, logger="nemo_controlnet"):
+        trainer, _ = train(train_cfg("model=tiny_sd3", "trainer.max_steps=3", "validation.num_samples=0"))
+    assert trainer.global_step == 3 and "resuming from" in caplog.text
