@@ -148,14 +148,8 @@ class ControlNetModule(L.LightningModule):
     def diffusion_loss(self, batch: dict, drop_captions: bool = True) -> torch.Tensor:
         """The family's objective on the mode's controlled prediction: MSE to the target."""
         with torch.no_grad():
-            # Precomputed residuals (controlnet_reroute=precompute, data/residuals.py) bring their latents, and the
-            # loader drew the caption dropout they were made for: no VAE when every row has them, and no redraw.
-            stored = batch.get("residual_state")  # per sample "hit" | "miss", on the host
-            if stored is not None and "miss" not in stored:
-                latents = batch["residual_latents"].float()
-            else:
-                latents = self.family.latents(self, batch, self.locked_dtype)
-            drop_captions = drop_captions and stored is None
+            latents = self.training_mode.latents(self, batch)
+            drop_captions = drop_captions and self.training_mode.drops_captions(batch)
             cond = self.family.conditioning(self, batch, self.text_conditioning(batch, drop_captions), latents)
             layout = torch.channels_last if self.channels_last else torch.contiguous_format
             latents = latents.contiguous(memory_format=layout)

@@ -56,6 +56,14 @@ class TrainingMode:
         return self.name
 
     # -- the step --------------------------------------------------------------------------
+    def latents(self, module, batch: dict) -> torch.Tensor:
+        """The batch's clean latents, float32: the family's (encoded now, or cached in the batch)."""
+        return module.family.latents(module, batch, module.locked_dtype)
+
+    def drops_captions(self, batch: dict) -> bool:
+        """Whether the step draws caption dropout (false where the loader already drew it)."""
+        return True
+
     def noise(self, module, batch: dict, latents: torch.Tensor):
         """The step's (noisy input, timesteps, target): the family's draw (precomputed residuals bring their own)."""
         return module.family.noise(module, latents)

@@ -121,6 +121,17 @@ class AdapterMode(TrainingMode):
         return lambda decoder: ResidualStage(decoder, opts["dir"], manifest, on_mismatch,
                                              module.proportion_empty_prompts, module.seed)  # fmt: skip
 
+    def latents(self, module, batch):
+        """Precomputed residuals bring the latents they were made for: no VAE when every row has its file."""
+        state = batch.get(RESIDUAL_STATE)
+        if state is not None and "miss" not in state:
+            return batch["residual_latents"].float()
+        return super().latents(module, batch)
+
+    def drops_captions(self, batch):
+        """The loader drew the dropout with the precomputed residuals (cond or uncond): no second draw."""
+        return RESIDUAL_STATE not in batch
+
     def noise(self, module, batch, latents):
         """Precomputed residuals: the stored latents, timestep and noise they were made for (the family's
         draw for rows without a file, under residuals.on_mismatch=on_the_fly)."""
