@@ -27,6 +27,15 @@ def compose_train(overrides: list[str] = ()) -> DictConfig:
         return compose(config_name="train", overrides=list(overrides))
 
 
+def tiny_family(model: str):
+    """(train config, its model family, the family's stack built from the config's random init)."""
+    from nemo_controlnet.models.families import family_for
+
+    cfg = compose_train([f"model={model}"])
+    family = family_for(cfg.model)
+    return cfg, family, family.build_stack(cfg.model)
+
+
 @pytest.fixture
 def train_cfg(tmp_path, shapes_dir):
     """The embedded default config, shrunk for tests, pointing at tmp dirs. Call with overrides."""

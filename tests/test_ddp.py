@@ -113,3 +113,22 @@ def test_fsdp_shards_the_controlnet_like_ddp_trains_it_and_exports_it_whole(trai
     trainer, _ = train(train_cfg(f"run_dir={run}", "data.batch_size=2", f"trainer.max_steps={STEPS + 2}",
                                  "checkpoint.every_n_steps=5", "validation.num_samples=0"))  # fmt: skip
     assert trainer.global_step == STEPS + 2
+
+
+def test_flux_fsdp_experiment_shards_the_flux_controlnet_and_exports_it_whole(shapes_dir, tmp_path):
+    """+experiment=flux_fsdp on tiny Flux, two CPU processes: the ControlNet's double and single blocks are
+    the FSDP units, every block is activation-checkpointed, and the export is the whole ControlNet."""
+    from diffusers import FluxControlNetModel
+
+    run = tmp_path / "flux"
+    _launch(run, shapes_dir, "model=tiny_flux", "+experiment=flux_fsdp", "data.resolution=64", "data.batch_size=2",
+            "trainer.strategy._target_=tests.cpu_fsdp.CPUFSDPStrategy", "validation.num_inference_steps=2")  # fmt: skip
+    log = (run / "train.log").read_text()
+    assert "FSDP: sharding the ControlNet in units ['FluxControlNetModel', 'FluxSingleTransformerBlock', " \
+           "'FluxTransformerBlock']" in log  # fmt: skip
+    assert "'checkpointed_controlnet_blocks': 1" in log and "'checkpointed_unet_decoder_blocks': 1" in log
+    assert len(_losses(run)) == STEPS
+    ckpt = torch.load(run / "checkpoints" / "step=0000010.ckpt", weights_only=True, map_location="cpu")
+    exported = FluxControlNetModel.from_pretrained(run / "controlnet")
+    for name, value in exported.state_dict().items():
+        assert torch.equal(value, ckpt["state_dict"][f"controlnet.{name}"]), name

@@ -2,6 +2,7 @@
 
 import io
 import json
+import tarfile
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from PIL import Image
 
 from tests.conftest import compose_train
 from nemo_controlnet.data.datamodule import make_decoder
+from nemo_controlnet.prep.encode import member_bytes
 from nemo_controlnet.prep.job import run_prep
 from nemo_controlnet.data.transforms import ResizeCrop, normalize_batch
 from nemo_controlnet.data.webdataset import collate
@@ -155,4 +157,45 @@ def test_sdxl_encodes_pooled_embeddings_and_trains_on_them(train_cfg, tmp_path):
     assert batch["original_size"].tolist() == [[64, 96]] * 2 and batch["crop_top_left"].tolist() == [[0, 16]] * 2
     trainer, _ = train(train_cfg("model=tiny_sdxl", f"data.shards={tmp_path / 'out'}", "trainer.max_steps=1",
                                  "data.batch_size=2"))  # fmt: skip
+    assert trainer.global_step == 1
+
+
+@pytest.mark.parametrize("model,text_shape,pooled_width", [("tiny_sd3", (77 + 16, 64), 64),
+                                                          ("tiny_flux", (16, 64), 32)])  # fmt: skip
+def test_transformer_families_cache_t5_embeddings_in_shards_under_the_size_limit(train_cfg, tmp_path, model,
+                                                                                 text_shape, pooled_width):  # fmt: skip
+    """The family's text embeddings (SD3: CLIP-L, CLIP-G and T5 states; Flux: T5 states, CLIP pooled) are
+    cached; an input shard is split so every output shard stays under encode.max_shard_mb, the manifest
+    lists every part, and training reads them."""
+    from nemo_controlnet.models.families import family_for
+
+    inp = write_wide_shards(tmp_path / "in", num_shards=2, per_shard=3)
+    encode(tmp_path / "whole", inp, f"model={model}", "encode.max_shard_mb=null")  # one shard per input
+    largest = max(member_bytes(s) for s in read(tmp_path / "whole")[1])
+    limit_mb = (2 * largest + tarfile.RECORDSIZE) / 2**20  # two samples a part, not three
+    encode(tmp_path / "out", inp, f"model={model}", f"encode.max_shard_mb={limit_mb}")
+    manifest, samples = read(tmp_path / "out")
+    names = [s["name"] for s in manifest["shards"]]
+    assert len(names) == 4 and any(n.endswith(".p01.tar") for n in names)
+    assert sum(s["num_samples"] for s in manifest["shards"]) == len(samples) == 6
+    assert all((tmp_path / "out" / n).stat().st_size <= limit_mb * 2**20 for n in names)
+    assert sorted(s["__key__"] for s in samples) == sorted(f"s{s}-{i}" for s in range(2) for i in range(3))
+
+    model_cfg = compose_train([f"model={model}"]).model
+    family = family_for(model_cfg)
+    stack = family.build_stack(model_cfg)
+    with torch.no_grad():
+        states, pooled = family.encode_text(stack, [samples[0]["txt"].decode()])
+    cached = np.load(io.BytesIO(samples[0]["text.npy"]))
+    assert cached.shape == text_shape == tuple(states.shape[1:])
+    assert np.load(io.BytesIO(samples[0]["pooled.npy"])).shape == (pooled_width,)
+    np.testing.assert_allclose(cached, states[0].numpy(), atol=2e-3, rtol=2e-3)  # float16
+    cached_pooled = np.load(io.BytesIO(samples[0]["pooled.npy"]))
+    np.testing.assert_allclose(cached_pooled, pooled[0].numpy(), atol=2e-3, rtol=2e-3)
+
+    # a second run over the same output writes nothing; training reads the parts through the manifest
+    again = encode(tmp_path / "out", inp, f"model={model}", f"encode.max_shard_mb={limit_mb}")
+    assert again["written"] == 0
+    trainer, _ = train(train_cfg(f"model={model}", f"data.shards={tmp_path / 'out' / 'manifest.json'}",
+                                 "trainer.max_steps=1", "data.batch_size=2"))  # fmt: skip
     assert trainer.global_step == 1

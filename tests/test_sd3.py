@@ -7,17 +7,13 @@ import torch
 from diffusers import SD3ControlNetModel
 from omegaconf import OmegaConf
 
-from nemo_controlnet.models.families import family_for
 from nemo_controlnet.models.families.sd3 import SD3Family
 from nemo_controlnet.training.run import train
-from tests.conftest import compose_train
+from tests.conftest import compose_train, tiny_family
 
 
 def tiny_sd3():
-    cfg = compose_train(["model=tiny_sd3"])
-    family = family_for(cfg.model)
-    stack = family.build_stack(cfg.model)
-    return cfg, family, stack
+    return tiny_family("tiny_sd3")
 
 
 def test_tiny_sd3_trains_four_steps_and_exports_a_loadable_controlnet(train_cfg):
@@ -75,8 +71,10 @@ def test_flow_matching_draw_and_x0_estimate():
     torch.testing.assert_close(noisy, (1 - sigmas) * latents + sigmas * noise)
     # the exact velocity gives back x0
     torch.testing.assert_close(family.predicted_x0(stack, noisy, timesteps, target), latents)
-    assert torch.equal(family.loss_weighting(stack, timesteps), torch.ones_like(sigmas))
-    assert SD3Family("sigma_sqrt").loss_weighting(stack, timesteps).flatten().tolist() != [1.0] * 3
+    assert family.loss_weighting(stack, timesteps) is None  # logit_normal shapes the draw, not the loss
+    torch.testing.assert_close(SD3Family("sigma_sqrt").loss_weighting(stack, timesteps), sigmas**-2.0)
+    torch.testing.assert_close(SD3Family("cosmap").loss_weighting(stack, timesteps),
+                               2 / (torch.pi * (1 - 2 * sigmas + 2 * sigmas**2)))  # fmt: skip
 
 
 def test_hint_is_vae_encoded_and_residuals_reach_the_transformer():
@@ -116,3 +114,36 @@ def test_tiny_sd3_resumes(train_cfg, caplog):
     with caplog.at_level(logging.INFO, logger="nemo_controlnet"):
         trainer, _ = train(train_cfg("model=tiny_sd3", "trainer.max_steps=3", "validation.num_samples=0"))
     assert trainer.global_step == 3 and "resuming from" in caplog.text
+
+
+def test_sigma_sqrt_weights_the_training_loss(monkeypatch):
+    """With sigma_sqrt the module's loss is the squared error weighted by sigma^-2 per sample, as diffusers'
+    SD3 script computes it; with logit_normal it is the plain MSE."""
+    cfg = compose_train(["model=tiny_sd3", "model.family.weighting_scheme=sigma_sqrt",
+                         "model.proportion_empty_prompts=0"])  # fmt: skip
+    from nemo_controlnet.training.module import ControlNetModule
+
+    module = ControlNetModule(cfg.model, cfg.optim)
+    batch = {"image": torch.rand(2, 3, 64, 64) * 2 - 1, "hint": torch.rand(2, 3, 64, 64), "caption": ["a", "b"]}
+    seen = {}
+    denoise = module.family.denoise
+
+    def record(base, noisy, timesteps, cond, residuals):
+        pred = denoise(base, noisy, timesteps, cond, residuals)
+        seen.update(timesteps=timesteps, pred=pred)
+        return pred
+
+    noise = module.family.noise
+
+    def record_noise(stack, latents):
+        out = noise(stack, latents)
+        seen["target"] = out[2]
+        return out
+
+    monkeypatch.setattr(module.family, "denoise", record)
+    monkeypatch.setattr(module.family, "noise", record_noise)
+    loss = module.diffusion_loss(batch)
+    sigmas = module.family.sigmas(module, seen["timesteps"])
+    err = (seen["pred"].float() - seen["target"].float()) ** 2
+    torch.testing.assert_close(loss, (err / sigmas**2).mean())
+    assert not torch.allclose(loss, err.mean())

@@ -67,7 +67,7 @@ def evaluate(cfg: DictConfig) -> dict:
             idx = list(range(first, min(first + bs, len(keys))))
             out += list(sample(
                 loaded.pipe, [prompts[i] for i in idx], hints[idx], num_inference_steps=cfg.num_inference_steps,
-                guidance_scale=cfg.guidance_scale, control_scale=scale, seed=[int(cfg.seed) + i for i in idx],
+                guidance_scale=loaded.guidance_scale, control_scale=scale, seed=[int(cfg.seed) + i for i in idx],
                 dtype=loaded.dtype,
             ))  # fmt: skip
         images[label(scale)] = out
@@ -86,7 +86,8 @@ def evaluate(cfg: DictConfig) -> dict:
         "shards": str(cfg.shards),
         "num_samples": len(keys),
         "resolution": loaded.resolution,
-        "settings": {k: OmegaConf.to_container(cfg, resolve=True)[k] for k in SETTINGS},
+        "settings": {**{k: OmegaConf.to_container(cfg, resolve=True)[k] for k in SETTINGS},
+                     "guidance_scale": loaded.guidance_scale},
         "results": results,
         "per_sample": [
             {"key": k, "prompt": p, **{n: per_sample[n][i] for n in per_sample}}

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
-from diffusers import ControlNetModel, UNet2DConditionModel
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from PIL import Image
@@ -17,12 +16,12 @@ from tqdm import tqdm
 
 from nemo_controlnet.data.decode import read_file
 from nemo_controlnet.data.transforms import hint_to_tensor, prepare_hint, prepare_image
-from nemo_controlnet.inference.pipeline import controlnet_pipeline, grid, hint_to_uint8, sample
+from nemo_controlnet.inference.pipeline import grid, hint_to_uint8, sample
 from nemo_controlnet.io import atomic_path
 from nemo_controlnet.models.adapters import load_adapter
-from nemo_controlnet.models.controlnet import check_compatible, set_only_mid_control
+from nemo_controlnet.models.families import family_for
 from nemo_controlnet.models.formats import read_metadata, verify_weights
-from nemo_controlnet.models.stack import build_stack, fingerprint, freeze
+from nemo_controlnet.models.stack import fingerprint, freeze
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +80,7 @@ class Sampler:
     resolution: int
     device: torch.device
     dtype: torch.dtype
+    guidance_scale: float  # ``guidance_scale``, or the family's default when that is null
 
 
 def load_sampler(cfg: DictConfig) -> Sampler:
@@ -97,7 +97,8 @@ def load_sampler(cfg: DictConfig) -> Sampler:
     device = torch.device(auto if cfg.device == "auto" else cfg.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
-    stack = build_stack(model_cfg)
+    family = family_for(model_cfg)
+    stack = family.build_stack(model_cfg)
     expected = meta.get("base_fingerprint")
     if expected and fingerprint(stack.unet, stack.vae, *stack.text_encoders()) != expected:
         raise RuntimeError(
@@ -107,24 +108,20 @@ def load_sampler(cfg: DictConfig) -> Sampler:
     for weights in (controlnet_dir, unet_dir):
         if weights is not None:
             verify_weights(weights)
-    unet = UNet2DConditionModel.from_pretrained(unet_dir, local_files_only=True) if unet_dir else stack.unet
-    controlnet_config = dict(ControlNetModel.load_config(controlnet_dir))
-    hint_channels = int(meta.get("hint", {}).get("channels", controlnet_config["conditioning_channels"]))
-    check_compatible(controlnet_config, unet, hint_channels, controlnet_dir)  # before reading the weights
-    controlnet = ControlNetModel.from_pretrained(controlnet_dir, local_files_only=True)
-    set_only_mid_control(controlnet, bool(meta.get("only_mid_control", False)))
-    for module in (unet, stack.vae, *stack.text_encoders(), controlnet):
+    if unet_dir:  # the base's unlocked decoder, trained with the ControlNet (model.sd_locked=false)
+        stack = replace(stack, unet=type(stack.unet).from_pretrained(unet_dir, local_files_only=True))
+    controlnet, hint_channels = family.load_controlnet(controlnet_dir, meta, stack)
+    for module in (stack.unet, stack.vae, *stack.text_encoders(), controlnet):
         freeze(module, dtype).to(device)
-    log.info("models on %s in %s", device, dtype)
-    pipe = controlnet_pipeline(
-        unet, controlnet, stack.vae, stack.text_encoder, stack.tokenizer, stack.noise_scheduler.config,
-        cfg.sampler, stack.text_encoder_2, stack.tokenizer_2,
-    )  # fmt: skip
+    log.info("%s family: models on %s in %s", family.name, device, dtype)
+    pipe = family.pipeline(stack, controlnet, cfg.sampler)
     if cfg.get("lora"):  # an adapter trained under this ControlNet (adapter mode: run_dir/lora)
         kind = load_adapter(pipe, cfg.lora)
         log.info("%s adapter loaded from %s", kind, cfg.lora)
     resolution = int(cfg.get("resolution") or meta.get("resolution") or 512)
-    return Sampler(pipe, meta, hint_channels, resolution, device, dtype)
+    guidance = cfg.get("guidance_scale")
+    guidance = float(family.default_guidance_scale if guidance is None else guidance)
+    return Sampler(pipe, meta, hint_channels, resolution, device, dtype, guidance)
 
 
 def sample_batches(
@@ -167,7 +164,7 @@ def generate(cfg: DictConfig) -> list[Path]:
     written, rows = [], []
     batches = sample_batches(
         loaded, prompts, hints, batch_size=int(cfg.batch_size), seed=int(cfg.seed),
-        num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale,
+        num_inference_steps=cfg.num_inference_steps, guidance_scale=loaded.guidance_scale,
         control_scale=cfg.control_scale, negative_prompt=cfg.negative_prompt,
         guess_mode=bool(cfg.get("guess_mode", False)),
     )  # fmt: skip

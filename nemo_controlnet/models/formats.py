@@ -37,6 +37,7 @@ def export_controlnet(
     UNet decoder (sd_locked=false) the trained UNet goes beside it in ``<out_dir>/../unet``.
     """
     out_dir = Path(out_dir)
+    metadata = {**metadata, "controlnet_class": type(controlnet).__name__}  # the model card's loading snippet
     with atomic_dir(out_dir, checksums=True) as tmp:
         controlnet.save_pretrained(tmp, safe_serialization=True)
         (tmp / METADATA).write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str) + "\n")
@@ -315,6 +316,7 @@ def model_card(metadata: dict, grid: str | None = None) -> str:
     val = metadata.get("validation_metrics") or {}
     rows += [(f"validation {k} (step {val.get('step')})", _fmt(v)) for k, v in sorted(val.items()) if k != "step"]
     hub_id, base_id = metadata.get("hub_model_id"), metadata.get("base_model_id")  # export.push_to_hub's
+    cls = metadata.get("controlnet_class", "ControlNetModel")
     lines = [
         "---",
         "library_name: diffusers",
@@ -329,8 +331,8 @@ def model_card(metadata: dict, grid: str | None = None) -> str:
         *[f"| {k} | {v} |" for k, v in rows],
         "",
         "```python",
-        "from diffusers import ControlNetModel",
-        f'controlnet = ControlNetModel.from_pretrained("{hub_id or "path/to/this/directory"}")',
+        f"from diffusers import {cls}",
+        f'controlnet = {cls}.from_pretrained("{hub_id or "path/to/this/directory"}")',
         "```",
         "",
         "Hints are given to the pipeline as images; the ControlNet was trained on them as float [0, 1] RGB.",

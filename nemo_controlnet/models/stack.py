@@ -74,8 +74,9 @@ def encoder_fingerprint(vae: torch.nn.Module, *text_encoders: torch.nn.Module) -
     return fingerprint(vae, *text_encoders)
 
 
-def _instantiate_seeded(node: DictConfig, seed: int, name: str):
-    # Seeding right before each component makes its random init independent of the others' order.
+def instantiate_seeded(node: DictConfig, seed: int, name: str):
+    """A part from its config node; seeding right before each makes its random init independent of the
+    others' order."""
     torch.manual_seed(seed)
     obj = instantiate(node)
     if isinstance(obj, torch.nn.Module):
@@ -95,7 +96,7 @@ def build_stack(model_cfg: DictConfig) -> LockedStack:
     def part(node, offset: int, name: str):
         if checkpoint:
             return component_from_node(node, checkpoint, name)
-        return _instantiate_seeded(node, seed + offset, name)
+        return instantiate_seeded(node, seed + offset, name)
 
     noise_scheduler = instantiate(model_cfg.scheduler_config)
     if model_cfg.get("prediction_type"):

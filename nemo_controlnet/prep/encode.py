@@ -8,9 +8,14 @@ the hint cropped the same way and the caption:
 - ``latent.npy``: the VAE's posterior (mean and log-variance, float16, 2C x H/8 x W/8). Training
   draws a fresh sample from it every step, as online encoding does (a stored single draw would
   show the model the same latent every epoch).
-- ``text.npy`` (and ``pooled.npy`` for SDXL): the text encoders' output for the caption. Caption
-  dropout swaps in the empty prompt's embedding at training time.
+- ``text.npy`` (and ``pooled.npy`` for SDXL, SD3, Flux): the text encoders' output for the caption, as
+  the model family encodes it (SD3: CLIP-L, CLIP-G and T5 states; Flux: T5 states). Caption dropout
+  swaps in the empty prompt's embedding at training time.
 - ``json``: the input's metadata plus ``sdxl: {original_size, crop_top_left}`` (micro-conditioning).
+
+T5 states are large (Flux at 512 tokens: 4 MiB per sample in float16), so an input shard may become
+several output shards: ``encode.max_shard_mb`` bounds each (``<prefix>-<index>.tar``, then
+``<prefix>-<index>.p01.tar``, ...; the unit's stats list its parts and the manifest every part).
 
 The manifest's ``params.encoded`` records the encoders' fingerprint, the resolution and the crop.
 Training refuses these shards over another base model, at another resolution, or with random
@@ -20,9 +25,11 @@ Flipped variants are not cached: train on the unencoded shards for augmentation.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
+import tarfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -41,7 +48,8 @@ from nemo_controlnet.data.tarshards import shard_samples
 from nemo_controlnet.data.transforms import ResizeCrop, normalize_image, to_uint8_chw
 from nemo_controlnet.data.webdataset import SkipCounter, expand_shards
 from nemo_controlnet.io import atomic_path
-from nemo_controlnet.models.stack import build_stack, compute_dtype, encoder_fingerprint, freeze
+from nemo_controlnet.models.families import family_for
+from nemo_controlnet.models.stack import compute_dtype, encoder_fingerprint, freeze
 from nemo_controlnet.prep.progress import JobControl
 from nemo_controlnet.prep.shards import check_params, plan_units, resolve_task, shard_name, stats_path
 from nemo_controlnet.prep.shards import encode as encode_image
@@ -83,7 +91,8 @@ class Encoder:
     """The locked VAE and text encoders of a model config, on one device, in one dtype."""
 
     def __init__(self, model_cfg: DictConfig, device: str, precision: str | int):
-        stack = build_stack(model_cfg)
+        self.family = family_for(model_cfg)
+        stack = self.family.build_stack(model_cfg)
         # Before any dtype change: the fingerprint training computes from the same config.
         self.fingerprint = encoder_fingerprint(stack.vae, *stack.text_encoders())
         self.dtype = compute_dtype(precision)
@@ -98,56 +107,104 @@ class Encoder:
         pixels = torch.stack([to_uint8_chw(np.asarray(im), 3) for im in images]).to(self.device)
         pixels = normalize_image(pixels).to(self.dtype)
         latent = self.stack.vae.encode(pixels).latent_dist.parameters
-        states, pooled = self.stack.encode_prompts(captions)
+        states, pooled = self.family.encode_text(self.stack, captions)
         out = {LATENT_MEMBER: latent, TEXT_MEMBER: states}
         if pooled is not None:
             out[POOLED_MEMBER] = pooled
         return {k: v.float().cpu().numpy().astype(np.float16) for k, v in out.items()}
 
 
+def part_name(prefix: str, index: int, part: int) -> str:
+    """An encoded unit's output shards: the unit's own name, then ``.p01``, ``.p02``, ... when it is split."""
+    name = shard_name(prefix, index)
+    return name if part == 0 else f"{name[: -len('.tar')]}.p{part:02d}.tar"
+
+
+def member_bytes(sample: dict) -> int:
+    """An upper bound of a sample's bytes in a tar: each member's data, its 512-byte header, padding to
+    512 bytes, and an .npy header."""
+    total = 0
+    for key, value in sample.items():
+        if key == "__key__":
+            continue
+        if isinstance(value, np.ndarray):
+            size = value.nbytes
+        elif isinstance(value, bytes):
+            size = len(value)
+        else:  # text, and dicts written as JSON
+            size = len((value if isinstance(value, str) else json.dumps(value)).encode())
+        total += size + 1536
+    return total
+
+
 def encode_shard(index: int, url: str, cfg: DictConfig, encoder: Encoder, hint_fn, out_dir: Path,
                  should_stop=None) -> dict:  # fmt: skip
-    """One input shard -> one output shard: temp file, rename, then its stats file. ``should_stop`` is
-    asked before each batch: a cancelled shard is never renamed into place."""
+    """One input shard -> one output shard (or several, each under ``encode.max_shard_mb``): temp files,
+    renames, then the unit's stats file. ``should_stop`` is asked before each batch: a cancelled unit
+    gets no stats, so it is redone whole."""
     name = shard_name(cfg.prefix, index)
     stats_path(out_dir, name).unlink(missing_ok=True)
     start = time.time()
     counter, written = SkipCounter(), 0
     batch_size = int(cfg.encode.batch_size)
-    with atomic_path(out_dir / name) as tmp:
-        with wds.TarWriter(str(tmp)) as sink:
-            pending: list[dict] = []
+    limit = int(float(cfg.encode.get("max_shard_mb") or 0) * 2**20)  # 0: no limit
+    parts: list[dict] = []
+    with contextlib.ExitStack() as part_stack:
+        sink, part_bytes = None, 0
 
-            def flush() -> None:
-                nonlocal written
-                if not pending:
-                    return
-                arrays = encoder([s["image"] for s in pending], [s["caption"] or "" for s in pending])
-                for i, s in enumerate(pending):
-                    sink.write({
-                        "__key__": s["key"],
-                        cfg.image_key: encode_image(s["image"], cfg.image_key, cfg.jpeg_quality),
-                        cfg.hint_key: encode_image(s["hint"], cfg.hint_key, cfg.jpeg_quality),
-                        **({cfg.caption_key: s["caption"]} if s["caption"] is not None else {}),
-                        "json": s["json"],
-                        **{member: array[i] for member, array in arrays.items()},
-                    })  # fmt: skip
-                written += len(pending)
-                pending.clear()
+        def open_part():
+            nonlocal sink, part_bytes
+            part_stack.close()  # the previous part: closed, then renamed into place
+            tmp = part_stack.enter_context(atomic_path(out_dir / part_name(cfg.prefix, index, len(parts))))
+            sink = part_stack.enter_context(wds.TarWriter(str(tmp)))
+            parts.append({"name": part_name(cfg.prefix, index, len(parts)), "num_samples": 0})
+            part_bytes = 0
 
-            for sample in shard_samples([url], counter):
-                try:
-                    pending.append(crop_sample(sample, cfg, hint_fn))
-                except Exception as e:  # a bad sample costs one sample, counted by reason
-                    counter(e if isinstance(e, BadSample) else BadSample(f"error_{type(e).__name__}", str(e)))
-                    continue
-                if len(pending) == batch_size:
-                    if should_stop is not None and should_stop():
-                        raise Cancelled(name)
-                    flush()
-            flush()
+        open_part()
+        pending: list[dict] = []
+
+        def flush() -> None:
+            nonlocal written, part_bytes
+            if not pending:
+                return
+            arrays = encoder([s["image"] for s in pending], [s["caption"] or "" for s in pending])
+            for i, s in enumerate(pending):
+                sample = {
+                    "__key__": s["key"],
+                    cfg.image_key: encode_image(s["image"], cfg.image_key, cfg.jpeg_quality),
+                    cfg.hint_key: encode_image(s["hint"], cfg.hint_key, cfg.jpeg_quality),
+                    **({cfg.caption_key: s["caption"]} if s["caption"] is not None else {}),
+                    "json": s["json"],
+                    **{member: array[i] for member, array in arrays.items()},
+                }
+                size = member_bytes(sample)
+                if limit and size + tarfile.RECORDSIZE > limit:
+                    raise ValueError(f"encode.max_shard_mb={cfg.encode.max_shard_mb}: one encoded sample takes "
+                                     f"{size / 2**20:.1f} MiB; raise the limit")  # fmt: skip
+                # + the archive's end: tarfile pads it to a whole record
+                if limit and parts[-1]["num_samples"] and part_bytes + size + tarfile.RECORDSIZE > limit:
+                    open_part()
+                sink.write(sample)
+                part_bytes += size
+                parts[-1]["num_samples"] += 1
+            written += len(pending)
+            pending.clear()
+
+        for sample in shard_samples([url], counter):
+            try:
+                pending.append(crop_sample(sample, cfg, hint_fn))
+            except Exception as e:  # a bad sample costs one sample, counted by reason
+                counter(e if isinstance(e, BadSample) else BadSample(f"error_{type(e).__name__}", str(e)))
+                continue
+            if len(pending) == batch_size:
+                if should_stop is not None and should_stop():
+                    raise Cancelled(name)
+                flush()
+        flush()
     stats = {"name": name, "input": url, "num_samples": written, "skipped": dict(counter.counts),
              "converted": {}, "seconds": round(time.time() - start, 3)}  # fmt: skip
+    if len(parts) > 1:
+        stats["parts"] = parts
     write_stats(out_dir, name, stats)
     return stats
 
@@ -169,6 +226,7 @@ def encode_params(cfg: DictConfig, urls: list[str], fingerprint: str) -> dict:
             "crop": "center",
             "precision": str(cfg.encode.precision),
             "members": {"latent": LATENT_MEMBER, "text": TEXT_MEMBER, "pooled": POOLED_MEMBER},
+            "max_shard_mb": cfg.encode.get("max_shard_mb"),
             "latent": "VAE posterior parameters (mean, logvar), unscaled",
             "model": OmegaConf.to_container(cfg.model, resolve=True),
         },

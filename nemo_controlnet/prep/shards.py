@@ -102,8 +102,9 @@ def write_manifest(out_dir: Path, params: dict, num_units: int, prefix: str) -> 
             continue
         stats = read_stats(out_dir, name)
         done += 1
-        if stats["num_samples"]:
-            shards.append({"name": name, "num_samples": stats["num_samples"]})
+        for part in stats.get("parts") or [{"name": name, "num_samples": stats["num_samples"]}]:
+            if part["num_samples"]:  # a unit split by size (mode=encode) lists its parts
+                shards.append({"name": part["name"], "num_samples": part["num_samples"]})
         skipped.update(stats.get("skipped", {}))
         converted.update(stats.get("converted", {}))
         if "captioned" in stats:  # a captioning run: how many captions the model wrote

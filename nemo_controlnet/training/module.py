@@ -156,7 +156,11 @@ class ControlNetModule(L.LightningModule):
         noisy, timesteps, target = self.training_mode.noise(self, batch, latents)
         residuals = self.training_mode.control_residuals(self, batch, noisy, timesteps, cond)
         pred = self.family.denoise(self.unet, noisy, timesteps, cond, residuals)
-        loss = F.mse_loss(pred.float(), target.float())
+        weights = self.family.loss_weighting(self, timesteps, pred.ndim)  # None: plain MSE
+        if weights is None:
+            loss = F.mse_loss(pred.float(), target.float())
+        else:  # as diffusers' SD3 scripts: the weighted squared error, averaged
+            loss = (weights.to(pred.device) * (pred.float() - target.float()) ** 2).mean()
         if self.aux_loss is not None:
             loss = loss + self.aux_loss(self, batch, latents, noisy, timesteps, pred, target)
         return loss

@@ -26,13 +26,20 @@ def checkpoint_blocks(blocks) -> int:
                 sub._gradient_checkpointing_func = _checkpointed_call
                 sub.gradient_checkpointing = True
                 count += 1
+    if not count:
+        log.warning("activation checkpointing: none of %s has a gradient_checkpointing switch",
+                    sorted({type(b).__name__ for b in blocks}))  # fmt: skip
     return count
 
 
 def compile_blocks(model, backend: str = "inductor") -> int:
     """Regional compile: each down/mid/up block on its own (fast to compile, reused across blocks
     of the same shape), the model's Python glue left eager."""
-    blocks = [*model.down_blocks, model.mid_block, *getattr(model, "up_blocks", [])]
+    blocks = []
+    for name in ("down_blocks", "mid_block", "up_blocks", "transformer_blocks", "single_transformer_blocks"):
+        part = getattr(model, name, None)  # UNets and their ControlNets; transformers (SD3, Flux) and theirs
+        if part is not None:
+            blocks += list(part) if isinstance(part, torch.nn.ModuleList) else [part]
     for block in blocks:
         block.compile(backend=backend)
     return len(blocks)

@@ -43,7 +43,7 @@ class ValidationImages(EveryNOptimizerSteps):
         hints: torch.Tensor,
         every_n_steps: int,
         num_inference_steps: int = 20,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         seed: int = 0,
         sampler: str = "unipc",
         metas: list[dict] | None = None,
@@ -92,7 +92,9 @@ class ValidationImages(EveryNOptimizerSteps):
                 pipe = pl_module.family.pipeline(pl_module, controlnet, self.sampler)
                 images = sample(
                     pipe, [self.prompts[k % n] for k in mine], self.hints[[k % n for k in mine]],
-                    num_inference_steps=self.num_inference_steps, guidance_scale=self.guidance_scale,
+                    num_inference_steps=self.num_inference_steps,
+                    guidance_scale=pl_module.family.default_guidance_scale if self.guidance_scale is None
+                    else self.guidance_scale,
                     control_scale=pl_module.control_scale, seed=[self.seed + k for k in mine],
                     dtype=pl_module.locked_dtype, guess_mode=self.guess_mode,
                 ) if mine else None  # fmt: skip

@@ -13,6 +13,8 @@ Residuals = tuple  # a family's control residuals, as its ``denoise`` takes them
 
 class ModelFamily(ABC):
     name: str
+    default_guidance_scale = 7.5  # sampling's guidance_scale when generate, eval or validation leave it null
+    original_layout = True  # has a single-file ControlNet layout (export_original_controlnet); else diffusers only
 
     @abstractmethod
     def build_stack(self, model_cfg: DictConfig):
@@ -33,6 +35,12 @@ class ModelFamily(ABC):
     @abstractmethod
     def fsdp_unit_types(self, controlnet) -> set[type]:
         """The ControlNet's module types that are FSDP units (its blocks, and itself)."""
+
+    @abstractmethod
+    def load_controlnet(self, directory: Path, meta: dict, stack) -> tuple[torch.nn.Module, int]:
+        """(the ControlNet saved in this diffusers directory, its hint channels) for controlnet-generate and
+        controlnet-eval: its config checked against this base before the weights are read (a mismatch
+        names both values), the module options of ``meta`` (its metadata.json) re-applied."""
 
     @abstractmethod
     def configure_controlnet(self, controlnet, model_cfg: DictConfig) -> None:
@@ -57,6 +65,11 @@ class ModelFamily(ABC):
     @abstractmethod
     def noise(self, stack, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The training objective's draw: (noisy input, timesteps, regression target)."""
+
+    def loss_weighting(self, stack, timesteps: torch.Tensor, ndim: int = 4) -> torch.Tensor | None:
+        """Per-sample weights of the squared error at these timesteps, broadcastable over the prediction
+        (float32); None: the plain mean squared error."""
+        return None
 
     # Auxiliary losses (training/aux_loss.py) need these; a family without them cannot train with those.
     def predicted_x0(self, stack, noisy: torch.Tensor, timesteps: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:

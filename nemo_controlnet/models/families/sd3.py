@@ -12,23 +12,24 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import diffusers
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3ControlNetModel
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_controlnet.config import validate_model_config
-from nemo_controlnet.models.families.base import ModelFamily, Residuals
+from nemo_controlnet.models.families.base import Residuals
+from nemo_controlnet.models.families.flow import FlowMatchingFamily, RecipeCalls
+from nemo_controlnet.models.stack import instantiate_seeded as seeded
 
 log = logging.getLogger(__name__)
 
-WEIGHTING_SCHEMES = ("logit_normal", "mode", "sigma_sqrt", "cosmap", "uniform")
+# The keys an SD3 ControlNet shares with the transformer it drives.
+CONTROLNET_KEYS = ("in_channels", "patch_size", "attention_head_dim", "num_attention_heads", "joint_attention_dim",
+                   "caption_projection_dim", "pooled_projection_dim", "pos_embed_max_size")  # fmt: skip
 
 
 class SecondEncoders(torch.nn.Module):
@@ -63,15 +64,6 @@ class SD3Stack:
         return [self.text_encoder, self.text_encoder_2]
 
 
-def _seeded(node, seed: int, name: str):
-    torch.manual_seed(seed)  # each part's random init independent of the others' order
-    obj = instantiate(node)
-    if isinstance(obj, torch.nn.Module):
-        log.info("built %s: %s, %.2fM parameters", name, type(obj).__name__,
-                 sum(p.numel() for p in obj.parameters()) / 1e6)  # fmt: skip
-    return obj
-
-
 def controlnet_from_transformer(transformer, num_layers: int | None = None, pretrained: str | None = None,
                                 conditioning_embedding_out_channels=None) -> SD3ControlNetModel:  # fmt: skip
     """An SD3ControlNetModel: a local diffusers directory (``pretrained``), or copied from the transformer as
@@ -90,24 +82,8 @@ def controlnet_from_transformer(transformer, num_layers: int | None = None, pret
     return SD3ControlNetModel.from_transformer(_Copy, num_layers=layers, num_extra_conditioning_channels=0)
 
 
-class _RecipeCalls:
-    """What the recipe's sampling (inference/pipeline.py ``sample``) asks of a pipeline, on diffusers' SD3
-    pipelines: ``unet`` (the transformer), the hint as ``image``, ``guess_mode`` (SD3 has none: refused
-    when true), T5's sequence length as training saw it."""
-
-    max_sequence_length = 256
-
-    @property
-    def unet(self):
-        return self.transformer
-
-    def __call__(self, *args, image=None, guess_mode: bool = False, **kwargs):
-        if guess_mode:
-            raise ValueError("guess_mode=true: the SD3 ControlNet pipeline has no guess mode")
-        if image is not None:
-            kwargs["control_image"] = image
-        kwargs.setdefault("max_sequence_length", self.max_sequence_length)
-        return super().__call__(*args, **kwargs)
+class _RecipeCalls(RecipeCalls):
+    family_name = "SD3"
 
 
 # Named as diffusers' own, so a saved pipeline's model_index.json names a class diffusers loads.
@@ -119,18 +95,15 @@ class StableDiffusion3ControlNetPipeline(_RecipeCalls, diffusers.StableDiffusion
     pass
 
 
-class SD3Family(ModelFamily):
+class SD3Family(FlowMatchingFamily):
     name = "sd3"
+    default_guidance_scale = 7.0  # StableDiffusion3Pipeline's
+    controlnet_class = SD3ControlNetModel
+    controlnet_keys = CONTROLNET_KEYS
 
     def __init__(self, weighting_scheme: str = "logit_normal", logit_mean: float = 0.0, logit_std: float = 1.0,
                  mode_scale: float = 1.29, max_sequence_length: int = 77):  # fmt: skip
-        if weighting_scheme not in WEIGHTING_SCHEMES:
-            raise ValueError(f"model.family.weighting_scheme={weighting_scheme!r}: one of {list(WEIGHTING_SCHEMES)}")
-        self.weighting_scheme, self.logit_mean, self.logit_std = weighting_scheme, logit_mean, logit_std
-        self.mode_scale, self.max_sequence_length = mode_scale, int(max_sequence_length)
-        if weighting_scheme in ("sigma_sqrt", "cosmap"):
-            log.warning("model.family.weighting_scheme=%s: timesteps are drawn uniformly and the loss is the "
-                        "module's plain MSE, without this scheme's per-sample weights", weighting_scheme)  # fmt: skip
+        super().__init__(weighting_scheme, logit_mean, logit_std, mode_scale, max_sequence_length)
 
     # -- the stack -------------------------------------------------------------------------
     def build_stack(self, model_cfg: DictConfig) -> SD3Stack:
@@ -140,27 +113,16 @@ class SD3Family(ModelFamily):
         seed, cond = int(model_cfg.seed), model_cfg.cond_stage_config
         tokenizers = [instantiate(cond.get(k)) if cond.get(k) else None for k in ("tokenizer", "tokenizer_2",
                                                                                      "tokenizer_3")]  # fmt: skip
-        t5 = _seeded(cond.text_encoder_3, seed + 4, "text_encoder_3") if cond.get("text_encoder_3") else None
+        t5 = seeded(cond.text_encoder_3, seed + 4, "text_encoder_3") if cond.get("text_encoder_3") else None
         return SD3Stack(
-            unet=_seeded(model_cfg.unet_config, seed, "transformer"),
-            vae=_seeded(model_cfg.first_stage_config, seed + 1, "vae"),
-            text_encoder=_seeded(cond.text_encoder, seed + 2, "text_encoder"),
+            unet=seeded(model_cfg.unet_config, seed, "transformer"),
+            vae=seeded(model_cfg.first_stage_config, seed + 1, "vae"),
+            text_encoder=seeded(cond.text_encoder, seed + 2, "text_encoder"),
             tokenizer=tokenizers[0],
             noise_scheduler=instantiate(model_cfg.scheduler_config),
-            text_encoder_2=SecondEncoders(_seeded(cond.text_encoder_2, seed + 3, "text_encoder_2"), t5),
+            text_encoder_2=SecondEncoders(seeded(cond.text_encoder_2, seed + 3, "text_encoder_2"), t5),
             tokenizer_2=(tokenizers[1], tokenizers[2]),
         )
-
-    def make_controlnet(self, model_cfg: DictConfig, stack) -> torch.nn.Module:
-        controlnet = instantiate(model_cfg.control_stage_config, transformer=stack.unet)
-        self.configure_controlnet(controlnet, model_cfg)
-        return controlnet
-
-    def configure_controlnet(self, controlnet, model_cfg: DictConfig) -> None:
-        if model_cfg.get("only_mid_control"):
-            raise ValueError("model.only_mid_control=true: an SD3 ControlNet has no middle block")
-        if int(model_cfg.hint_channels) not in (1, 3):
-            raise ValueError("model.hint_channels: the sd3 family VAE-encodes the hint, so 1 or 3 channels")
 
     def decoder_modules(self, stack) -> list[torch.nn.Module]:
         """The transformer's second half of blocks and its output layers (SD3 has no decoder)."""
@@ -168,7 +130,8 @@ class SD3Family(ModelFamily):
         return [*t.transformer_blocks[len(t.transformer_blocks) // 2 :], t.norm_out, t.proj_out]
 
     def decoder_blocks(self, stack) -> list[torch.nn.Module]:
-        return list(stack.unet.transformer_blocks)
+        """The transformer itself: its own switch checkpoints each of its blocks."""
+        return [stack.unet]
 
     def fsdp_unit_types(self, controlnet) -> set[type]:
         return {type(controlnet), *(type(b) for b in controlnet.transformer_blocks)}
@@ -202,65 +165,20 @@ class SD3Family(ModelFamily):
         clip_states = F.pad(clip_states, (0, t5_states.shape[-1] - clip_states.shape[-1]))
         return torch.cat([clip_states, t5_states], dim=-2), torch.cat(pooled, dim=-1)
 
-    @staticmethod
-    def _to_latents(vae, sample: torch.Tensor) -> torch.Tensor:
-        shift = vae.config.shift_factor or 0.0
-        return (sample.float() - shift) * vae.config.scaling_factor
-
-    def latents(self, stack, batch: dict, dtype: torch.dtype) -> torch.Tensor:
-        vae = stack.vae
-        if "latent_dist" in batch:  # a cached posterior: sampled as online
-            return self._to_latents(vae, DiagonalGaussianDistribution(batch["latent_dist"].float()).sample())
-        if "latents" in batch:  # cached, already shifted and scaled
-            return batch["latents"].float()
-        return self._to_latents(vae, vae.encode(batch["image"].to(dtype)).latent_dist.sample())
-
     def conditioning(self, stack, batch: dict, text: tuple, latents: torch.Tensor) -> dict:
         """Text and pooled embeddings, and the hint as the ControlNet takes it: VAE latents of the hint in
         [-1, 1], shifted and scaled (diffusers' train_controlnet_sd3.py); None without a ControlNet."""
         states, pooled = text
-        cond = {"encoder_hidden_states": states, "pooled_projections": pooled, "controlnet_cond": None}
-        hint = batch.get(getattr(stack, "control_key", "hint"))
-        if hint is not None and getattr(stack, "controlnet", True) is not None:
-            vae = stack.vae
-            if hint.shape[1] == 1:
-                hint = hint.expand(-1, 3, -1, -1)
-            with torch.no_grad():
-                posterior = vae.encode((hint * 2 - 1).to(vae.dtype)).latent_dist
-                cond["controlnet_cond"] = self._to_latents(vae, posterior.sample())
-        return cond
+        return {"encoder_hidden_states": states, "pooled_projections": pooled,
+                "controlnet_cond": self.hint_latents(stack, batch)}  # fmt: skip
 
     # -- the objective ---------------------------------------------------------------------
     def noise(self, stack, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rectified flow as diffusers' train_controlnet_sd3.py: timesteps drawn by the weighting scheme's
-        density, x_t = (1 - sigma) x0 + sigma noise, target noise - x0."""
-        scheduler, b = stack.noise_scheduler, latents.shape[0]
-        u = compute_density_for_timestep_sampling(self.weighting_scheme, b, logit_mean=self.logit_mean,
-                                                  logit_std=self.logit_std, mode_scale=self.mode_scale)  # fmt: skip
-        indices = (u * scheduler.config.num_train_timesteps).long()
-        timesteps = scheduler.timesteps[indices].to(latents.device)
-        sigmas = self.sigmas(stack, timesteps, latents.ndim)
-        noise = torch.randn(latents.shape, device=latents.device, dtype=latents.dtype)  # not randn_like
-        noisy = (1.0 - sigmas) * latents + sigmas * noise
-        return noisy, timesteps, noise - latents
-
-    def sigmas(self, stack, timesteps: torch.Tensor, ndim: int = 4) -> torch.Tensor:
-        """The flow schedule's sigma at these timesteps (float32, broadcastable over latents)."""
-        sigma = timesteps.float() / stack.noise_scheduler.config.num_train_timesteps
-        return sigma.view(-1, *[1] * (ndim - 1))
-
-    def loss_weighting(self, stack, timesteps: torch.Tensor, ndim: int = 4) -> torch.Tensor:
-        """diffusers' per-sample loss weights for this scheme (ones but for sigma_sqrt and cosmap)."""
-        return compute_loss_weighting_for_sd3(self.weighting_scheme, self.sigmas(stack, timesteps, ndim))
-
-    def predicted_x0(self, stack, noisy: torch.Tensor, timesteps: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-        """x0 = x_t - sigma v, v the predicted velocity noise - x0."""
-        return noisy.float() - self.sigmas(stack, timesteps, noisy.ndim) * pred.float()
-
-    def decode(self, stack, latents: torch.Tensor) -> torch.Tensor:
-        vae = stack.vae
-        raw = latents / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
-        return vae.decode(raw.to(vae.dtype)).sample.float()
+        density on the scheduler's (shifted) grid, x_t = (1 - sigma) x0 + sigma noise, target noise - x0."""
+        scheduler = stack.noise_scheduler
+        indices = (self.draw_u(latents.shape[0]) * scheduler.config.num_train_timesteps).long()
+        return self.flow(stack, latents, scheduler.timesteps[indices].to(latents.device))
 
     # -- the controlled forward ------------------------------------------------------------
     def control_residuals(self, controlnet, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict,
@@ -287,8 +205,7 @@ class SD3Family(ModelFamily):
     def pipeline(self, stack, controlnet, sampler: str = "unipc"):
         """diffusers' SD3 (ControlNet) pipeline over these modules; SD3 samples with the flow-matching Euler
         scheduler whatever ``sampler`` names (a fresh one: the training scheduler is left as it is)."""
-        if sampler not in ("unipc", "ddim", "euler", "flow_match_euler"):
-            raise ValueError(f"sampler={sampler!r}: the sd3 family samples with flow_match_euler")
+        self.check_sampler(sampler)
         tok_g, tok_t5 = stack.tokenizer_2
         parts = dict(transformer=stack.unet, vae=stack.vae, text_encoder=stack.text_encoder, tokenizer=stack.tokenizer,
                      text_encoder_2=stack.text_encoder_2.clip, tokenizer_2=tok_g,
@@ -301,7 +218,3 @@ class SD3Family(ModelFamily):
         pipe.max_sequence_length = self.max_sequence_length
         pipe.set_progress_bar_config(disable=True)
         return pipe
-
-    def export_original_controlnet(self, controlnet, path: Path, dtype: str = "fp16") -> Path:
-        raise ValueError("the sd3 family has no original single-file ControlNet layout; the diffusers directory "
-                         "(SD3ControlNetModel.from_pretrained) is its format")  # fmt: skip

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from diffusers import (
+    ControlNetModel,
     DDIMScheduler,
     StableDiffusionControlNetPipeline,
     StableDiffusionPipeline,
@@ -19,7 +20,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from nemo_controlnet.models.controlnet import set_only_mid_control, unet_decoder_modules
+from nemo_controlnet.models.controlnet import check_compatible, set_only_mid_control, unet_decoder_modules
 from nemo_controlnet.models.families.base import ModelFamily, Residuals
 from nemo_controlnet.models.formats import export_original_controlnet
 from nemo_controlnet.models.stack import build_stack, encode_prompts
@@ -39,6 +40,14 @@ class SDUNetFamily(ModelFamily):
                                  hint_channels=int(model_cfg.hint_channels))  # fmt: skip
         self.configure_controlnet(controlnet, model_cfg)
         return controlnet
+
+    def load_controlnet(self, directory: Path, meta: dict, stack) -> tuple[torch.nn.Module, int]:
+        config = dict(ControlNetModel.load_config(directory))
+        hint_channels = int(meta.get("hint", {}).get("channels", config["conditioning_channels"]))
+        check_compatible(config, stack.unet, hint_channels, directory)  # before reading the weights
+        controlnet = ControlNetModel.from_pretrained(directory, local_files_only=True)
+        set_only_mid_control(controlnet, bool(meta.get("only_mid_control", False)))
+        return controlnet, hint_channels
 
     def configure_controlnet(self, controlnet, model_cfg: DictConfig) -> None:
         set_only_mid_control(controlnet, bool(model_cfg.only_mid_control))

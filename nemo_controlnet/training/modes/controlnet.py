@@ -58,7 +58,10 @@ class ControlNetMode(TrainingMode):
         out = export_controlnet(controlnet, run_dir / "controlnet", metadata,
                                 unet=None if module.sd_locked else module.unet,
                                 grid=grids[-1] if grids else None)  # fmt: skip
-        if export_cfg.get("original"):
+        if export_cfg.get("original") and not module.family.original_layout:
+            log.info("export.original: the %s family has no single-file ControlNet layout; the diffusers "
+                     "directory is its format", module.family.name)  # fmt: skip
+        elif export_cfg.get("original"):
             try:
                 module.family.export_original_controlnet(
                     controlnet, run_dir / f"control_{run_dir.resolve().name}.safetensors", export_cfg.dtype
