@@ -108,7 +108,8 @@ def residual_costs(module, optimizer, batch, autocast, args, device) -> dict:
 
     def forward():
         with autocast, torch.no_grad():
-            return module.residuals(noisy, timesteps, states, batch["hint"], 1.0)
+            cond = {"encoder_hidden_states": states, "added_cond_kwargs": None}
+            return module.residuals(module.family, noisy, timesteps, cond, batch["hint"], 1.0)
 
     compute_s = _timed(forward, cuda)
     down, mid = forward()

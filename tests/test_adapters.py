@@ -14,6 +14,7 @@ from nemo_controlnet.models.adapters import (
     save_lora,
 )
 from nemo_controlnet.models.controlnet import controlled_unet_forward
+from nemo_controlnet.models.families import SDUNetFamily
 from nemo_controlnet.models.stack import build_stack
 from nemo_controlnet.training.module import ControlNetModule
 from nemo_controlnet.training.run import train
@@ -40,6 +41,12 @@ def parts():
     return module, inputs
 
 
+def residuals_of(residuals: ControlResiduals, inputs: dict):
+    """The SD family's (down, mid) residuals through ``residuals`` for the fixture's inputs."""
+    cond = {"encoder_hidden_states": inputs["encoder_hidden_states"], "added_cond_kwargs": None}
+    return residuals(SDUNetFamily(), inputs["noisy_latents"], inputs["timesteps"], cond, inputs["hint"])
+
+
 def _residual_shapes_of_the_unet(unet, inputs) -> list[tuple]:
     """The skip tensors the UNet's decoder takes, captured from its own encoder."""
     shapes = []
@@ -57,7 +64,7 @@ def _residual_shapes_of_the_unet(unet, inputs) -> list[tuple]:
 
 def test_residual_shapes_test(parts):
     module, inputs = parts
-    down, mid = ControlResiduals(module.controlnet)(**inputs)
+    down, mid = residuals_of(ControlResiduals(module.controlnet), inputs)
     assert all(not r.requires_grad for r in (*down, mid))  # detached: no graph through the frozen ControlNet
     assert [tuple(r.shape) for r in (*down, mid)] == _residual_shapes_of_the_unet(module.unet, inputs)
 
@@ -84,8 +91,7 @@ def test_swap_correctness_test(parts, offload, storage):
     module, inputs = parts
     expected = controlled_unet_forward(module.unet, module.controlnet, **inputs)
     moved = ControlResiduals(copy.deepcopy(module.controlnet), offload, storage)
-    down, mid = moved(**inputs)
-    down, mid = moved.fetch(down, mid, inputs["noisy_latents"].device, torch.float32)
+    down, mid = moved.fetch(residuals_of(moved, inputs), inputs["noisy_latents"].device, torch.float32)
     with torch.no_grad():
         pred = module.unet(inputs["noisy_latents"], inputs["timesteps"], inputs["encoder_hidden_states"],
                            down_block_additional_residuals=down, mid_block_additional_residual=mid).sample  # fmt: skip
@@ -112,7 +118,7 @@ def test_manual_swap_brings_the_weights_for_each_call_and_back_also_inside_a_pip
     swapped = ControlResiduals(copy.deepcopy(module.controlnet), "manual_swap", "gpu")
     swapped.place(torch.device("cpu"))
     conv, host, seen = _swap_spy(swapped)
-    swapped(**inputs)
+    residuals_of(swapped, inputs)
     assert seen == [True] and conv.weight.data_ptr() == host.data_ptr()
     pipe = controlnet_pipeline(module.unet, swapped.controlnet, module.vae, module.text_encoder, module.tokenizer,
                                module.noise_scheduler.config)  # fmt: skip

@@ -223,3 +223,80 @@ def test_a_transformer_without_guidance_embeds_trains_and_samples_without_guidan
     out = family.pipeline(stack, controlnet)("a", image=batch["hint"], num_inference_steps=1, height=64, width=64,
                                              output_type="pt").images  # fmt: skip
     assert torch.isfinite(out).all()
+
+
+def original_flux_state(transformer) -> dict:
+    """A FluxTransformer2DModel's weights in the original (Black Forest Labs) single-file layout: the inverse
+    of diffusers' convert_flux_transformer_checkpoint_to_diffusers, so that diffusers' converter reads it."""
+    s = transformer.state_dict()
+    out = {}
+
+    def put(original: str, ours: str) -> None:
+        for leaf in ("weight", "bias"):
+            out[f"{original}.{leaf}"] = s[f"{ours}.{leaf}"]
+
+    for original, ours in (("time_in", "timestep_embedder"), ("vector_in", "text_embedder"),
+                           ("guidance_in", "guidance_embedder")):  # fmt: skip
+        put(f"{original}.in_layer", f"time_text_embed.{ours}.linear_1")
+        put(f"{original}.out_layer", f"time_text_embed.{ours}.linear_2")
+    put("txt_in", "context_embedder")
+    put("img_in", "x_embedder")
+    put("final_layer.linear", "proj_out")
+    for leaf in ("weight", "bias"):  # diffusers holds (scale, shift), the original (shift, scale)
+        scale, shift = s[f"norm_out.linear.{leaf}"].chunk(2)
+        out[f"final_layer.adaLN_modulation.1.{leaf}"] = torch.cat([shift, scale])
+    for i in range(len(transformer.transformer_blocks)):
+        d, o = f"transformer_blocks.{i}.", f"double_blocks.{i}."
+        streams = (("img", "norm1", ("to_q", "to_k", "to_v"), "to_out.0", "ff", "norm_q", "norm_k"),
+                   ("txt", "norm1_context", ("add_q_proj", "add_k_proj", "add_v_proj"), "to_add_out", "ff_context",
+                    "norm_added_q", "norm_added_k"))  # fmt: skip
+        for side, norm, qkv, proj, mlp, q, k in streams:
+            put(f"{o}{side}_mod.lin", f"{d}{norm}.linear")
+            for leaf in ("weight", "bias"):
+                out[f"{o}{side}_attn.qkv.{leaf}"] = torch.cat([s[f"{d}attn.{n}.{leaf}"] for n in qkv])
+            put(f"{o}{side}_attn.proj", f"{d}attn.{proj}")
+            put(f"{o}{side}_mlp.0", f"{d}{mlp}.net.0.proj")
+            put(f"{o}{side}_mlp.2", f"{d}{mlp}.net.2")
+            out[f"{o}{side}_attn.norm.query_norm.scale"] = s[f"{d}attn.{q}.weight"]
+            out[f"{o}{side}_attn.norm.key_norm.scale"] = s[f"{d}attn.{k}.weight"]
+    for i in range(len(transformer.single_transformer_blocks)):
+        d, o = f"single_transformer_blocks.{i}.", f"single_blocks.{i}."
+        put(f"{o}modulation.lin", f"{d}norm.linear")
+        for leaf in ("weight", "bias"):
+            parts = [s[f"{d}attn.to_{x}.{leaf}"] for x in "qkv"] + [s[f"{d}proj_mlp.{leaf}"]]
+            out[f"{o}linear1.{leaf}"] = torch.cat(parts)
+        put(f"{o}linear2", f"{d}proj_out")
+        out[f"{o}norm.query_norm.scale"] = s[f"{d}attn.norm_q.weight"]
+        out[f"{o}norm.key_norm.scale"] = s[f"{d}attn.norm_k.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+@pytest.mark.slow
+def test_a_single_file_flux_transformer_loads_over_a_diffusers_directory(tmp_path):
+    """model=local_flux model.checkpoint=<flux1-dev-layout file>: the transformer from the file through
+    diffusers' converter, which assumes Flux's width (3072): so one double and one single block at that
+    width (531M parameters, bf16), the rest of the base from the directory."""
+    from safetensors.torch import save_file
+
+    cfg, family, stack = tiny_flux()
+    family.pipeline(stack, None).save_pretrained(tmp_path / "flux")
+    config = {**stack.unet.config, "attention_head_dim": 128, "num_attention_heads": 24, "axes_dims_rope": [16, 56, 56]}
+    (tmp_path / "flux" / "transformer" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "flux" / "transformer" / "diffusion_pytorch_model.safetensors").unlink()  # the file has them
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        torch.manual_seed(5)
+        wide = type(stack.unet).from_config(config)
+    finally:
+        torch.set_default_dtype(default)
+    save_file(original_flux_state(wide), tmp_path / "flux1-wide.safetensors")
+    model = compose_train(["model=local_flux", f"model.path={tmp_path / 'flux'}",
+                           f"model.checkpoint={tmp_path / 'flux1-wide.safetensors'}"]).model  # fmt: skip
+    loaded = family_for(model).build_stack(model)
+    assert loaded.unet.config.num_attention_heads == 24
+    state = loaded.unet.state_dict()
+    assert state.keys() == wide.state_dict().keys()
+    for key, value in wide.state_dict().items():
+        assert torch.equal(state[key].to(value.dtype), value), key
+    assert loaded.text_encoder_2.config.d_model == stack.text_encoder_2.config.d_model  # from the directory

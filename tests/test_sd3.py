@@ -3,10 +3,12 @@ embeddings, hint latents and flow-matching draw are diffusers' own."""
 
 import logging
 
+import pytest
 import torch
 from diffusers import SD3ControlNetModel
 from omegaconf import OmegaConf
 
+from nemo_controlnet.models.families import family_for
 from nemo_controlnet.models.families.sd3 import SD3Family
 from nemo_controlnet.training.run import train
 from tests.conftest import compose_train, tiny_family
@@ -147,3 +149,66 @@ def test_sigma_sqrt_weights_the_training_loss(monkeypatch):
     err = (seen["pred"].float() - seen["target"].float()) ** 2
     torch.testing.assert_close(loss, (err / sigmas**2).mean())
     assert not torch.allclose(loss, err.mean())
+
+
+def original_sd3_state(transformer) -> dict:
+    """An SD3Transformer2DModel's weights in the original (Stability) single-file layout: the inverse of
+    diffusers' convert_sd3_transformer_checkpoint_to_diffusers for transformers without qk norm or dual
+    attention, so that diffusers' own converter reads it back."""
+    s = {k: v.clone() for k, v in transformer.state_dict().items()}
+
+    def swap(w):  # diffusers' norm_out and last context norm hold (scale, shift); the original (shift, scale)
+        a, b = w.chunk(2, dim=0)
+        return torch.cat([b, a], dim=0)
+
+    out = {"pos_embed": s["pos_embed.pos_embed"], "x_embedder.proj.weight": s["pos_embed.proj.weight"],
+           "x_embedder.proj.bias": s["pos_embed.proj.bias"], "context_embedder.weight": s["context_embedder.weight"],
+           "context_embedder.bias": s["context_embedder.bias"],
+           "final_layer.linear.weight": s["proj_out.weight"], "final_layer.linear.bias": s["proj_out.bias"],
+           "final_layer.adaLN_modulation.1.weight": swap(s["norm_out.linear.weight"]),
+           "final_layer.adaLN_modulation.1.bias": swap(s["norm_out.linear.bias"])}  # fmt: skip
+    for ours, theirs in (("timestep_embedder", "t_embedder"), ("text_embedder", "y_embedder")):
+        for n, m in ((1, 0), (2, 2)):
+            for leaf in ("weight", "bias"):
+                out[f"{theirs}.mlp.{m}.{leaf}"] = s[f"time_text_embed.{ours}.linear_{n}.{leaf}"]
+    n = len(transformer.transformer_blocks)
+    for i in range(n):
+        d, o = f"transformer_blocks.{i}.", f"joint_blocks.{i}."
+        last = i == n - 1
+        for leaf in ("weight", "bias"):
+            out[f"{o}x_block.attn.qkv.{leaf}"] = torch.cat([s[f"{d}attn.to_{x}.{leaf}"] for x in "qkv"])
+            out[f"{o}context_block.attn.qkv.{leaf}"] = torch.cat([s[f"{d}attn.add_{x}_proj.{leaf}"] for x in "qkv"])
+            out[f"{o}x_block.attn.proj.{leaf}"] = s[f"{d}attn.to_out.0.{leaf}"]
+            out[f"{o}x_block.adaLN_modulation.1.{leaf}"] = s[f"{d}norm1.linear.{leaf}"]
+            context_norm = s[f"{d}norm1_context.linear.{leaf}"]
+            out[f"{o}context_block.adaLN_modulation.1.{leaf}"] = swap(context_norm) if last else context_norm
+            out[f"{o}x_block.mlp.fc1.{leaf}"] = s[f"{d}ff.net.0.proj.{leaf}"]
+            out[f"{o}x_block.mlp.fc2.{leaf}"] = s[f"{d}ff.net.2.{leaf}"]
+            if not last:  # the last block's context stream ends in its attention
+                out[f"{o}context_block.attn.proj.{leaf}"] = s[f"{d}attn.to_add_out.{leaf}"]
+                out[f"{o}context_block.mlp.fc1.{leaf}"] = s[f"{d}ff_context.net.0.proj.{leaf}"]
+                out[f"{o}context_block.mlp.fc2.{leaf}"] = s[f"{d}ff_context.net.2.{leaf}"]
+    return {f"model.diffusion_model.{k}": v.contiguous() for k, v in out.items()}
+
+
+def test_a_single_file_transformer_loads_over_the_config_or_a_diffusers_directory(tmp_path):
+    """model.checkpoint: the transformer from one original-layout file (diffusers' converter reads it), with the
+    architecture of model=tiny_sd3's node or of local_sd3's directory; the other parts as configured."""
+    from safetensors.torch import save_file
+
+    from nemo_controlnet.models.stack import fingerprint
+
+    cfg, family, stack = tiny_sd3()
+    family.pipeline(stack, None).save_pretrained(tmp_path / "sd3")
+    torch.manual_seed(123)  # another transformer than the directory's: the weights must come from the file
+    finetuned = type(stack.unet).from_config(stack.unet.config)
+    save_file(original_sd3_state(finetuned), tmp_path / "finetuned.safetensors")
+
+    for overrides in (["model=tiny_sd3"], ["model=local_sd3", f"model.path={tmp_path / 'sd3'}"]):
+        model = compose_train([*overrides, f"model.checkpoint={tmp_path / 'finetuned.safetensors'}"]).model
+        loaded = family_for(model).build_stack(model)
+        for key, value in finetuned.state_dict().items():
+            assert torch.equal(loaded.unet.state_dict()[key], value), (overrides, key)
+        assert fingerprint(loaded.vae, loaded.text_encoder) == fingerprint(stack.vae, stack.text_encoder)
+    with pytest.raises(ValueError, match="model.checkpoint=.*no such file"):
+        family.build_stack(compose_train(["model=tiny_sd3", f"model.checkpoint={tmp_path / 'none.safetensors'}"]).model)

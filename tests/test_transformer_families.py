@@ -4,9 +4,12 @@ export, reload through controlnet-generate, score with controlnet-eval."""
 import json
 import shutil
 
+import diffusers
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
 from PIL import Image
 
 from nemo_controlnet.eval.evaluate import evaluate
@@ -24,7 +27,6 @@ def compose_in(config_name: str, overrides: list[str]):
 
 @pytest.mark.parametrize("model", sorted(FAMILIES))
 def test_train_export_generate_evaluate(model, train_cfg, shapes_dir, tmp_path):
-    import diffusers
 
     cfg = train_cfg(f"model={model}", "trainer.max_steps=4", "validation.num_samples=2", "optim.lr=1e-2")
     trainer, module = train(cfg)
@@ -46,6 +48,12 @@ def test_train_export_generate_evaluate(model, train_cfg, shapes_dir, tmp_path):
                                       f"out_dir={tmp_path / 'g'}"])  # fmt: skip
     loaded = load_sampler(gen_cfg)
     assert type(loaded.pipe.controlnet) is controlnet_cls and loaded.pipe.unet is loaded.pipe.transformer
+    # diffusers' own pipeline class (not the recipe's subclass) samples with the exported ControlNet
+    plain_cls = next(c for c in type(loaded.pipe).__mro__ if c.__module__.startswith("diffusers."))
+    plain = plain_cls(**loaded.pipe.components)
+    out = plain("a bar", control_image=torch.rand(1, 3, 64, 64), height=64, width=64, num_inference_steps=2,
+                max_sequence_length=16, output_type="np").images  # fmt: skip
+    assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
     written = generate(gen_cfg)
     assert [p.name for p in written] == ["00000.png"]
     assert Image.open(written[0]).size == (64, 64)
@@ -74,7 +82,6 @@ def test_train_export_generate_evaluate(model, train_cfg, shapes_dir, tmp_path):
 def test_activation_checkpointing_reaches_every_block_and_leaves_the_gradients(model):
     """perf.gradient_checkpointing (controlnet, unet_decoder) switches on the transformer's and the
     ControlNet's own per-block checkpointing; the loss and the ControlNet's gradients are unchanged."""
-    import torch
 
     from nemo_controlnet.training.module import ControlNetModule
     from nemo_controlnet.training.perf import apply_performance, compile_blocks
@@ -109,3 +116,57 @@ def test_activation_checkpointing_reaches_every_block_and_leaves_the_gradients(m
     module = ControlNetModule(cfg.model, cfg.optim)
     blocks = len(module.unet.transformer_blocks) + len(getattr(module.unet, "single_transformer_blocks", []))
     assert compile_blocks(module.unet, backend="eager") == blocks
+
+
+@pytest.mark.parametrize("model", sorted(FAMILIES))
+@pytest.mark.parametrize("overrides,words", [
+    (["+experiment=control_lora"], r"training_mode=control_lora: not available for the (sd3|flux) family"),
+    (["+experiment=lora_frozen_controlnet", "controlnet.name_or_path=/nonexistent", "controlnet_reroute=precompute"],
+     r"controlnet_reroute=precompute: the residual store holds SD UNet residuals, not the (sd3|flux) family's"),
+])  # fmt: skip
+def test_sd_unet_only_options_are_refused_by_name_before_the_base_loads(model, overrides, words):
+    """Control-LoRA copies a UNet's encoder and the residual store holds UNet (down, mid) residuals: a transformer
+    family says so up front, not at export (Control-LoRA) or in the first step."""
+    from nemo_controlnet.training.module import ControlNetModule
+    from nemo_controlnet.training.run import research_options
+    from tests.conftest import compose_train
+
+    cfg = compose_train([f"model={model}", *overrides])
+    OmegaConf.resolve(cfg)
+    with pytest.raises(ValueError, match=words):
+        ControlNetModule(cfg.model, cfg.optim, adapter_cfg=cfg.get("adapter"), controlnet_cfg=cfg.get("controlnet"),
+                         mode=cfg.get("training_mode"), research=research_options(cfg))  # fmt: skip
+
+
+@pytest.mark.parametrize("model", sorted(FAMILIES))
+def test_adapter_mode_trains_a_transformer_lora_under_the_frozen_controlnet(model, train_cfg, tmp_path):
+    """+experiment=lora_frozen_controlnet over a transformer base: the ControlNet (a previous run's export) stays
+    as it was, the LoRA on the transformer trains and is written in diffusers' LoRA format for the family's
+    pipeline, and controlnet-generate lora= loads it and samples differently than without it."""
+    import shutil
+
+    train(train_cfg(f"model={model}", "trainer.max_steps=1", "validation.num_samples=0"))
+    shutil.move(tmp_path / "run", tmp_path / "controlnet_run")
+    controlnet_dir = tmp_path / "controlnet_run" / "controlnet"
+    trainer, module = train(train_cfg(f"model={model}", "+experiment=lora_frozen_controlnet",
+                                      f"controlnet.name_or_path={controlnet_dir}", "adapter.lr=1e-2",
+                                      "trainer.max_steps=2", "validation.num_samples=1"))  # fmt: skip
+    assert trainer.global_step == 2 and module.residuals is not None  # frozen: residuals apart, detached
+    frozen = getattr(diffusers, FAMILIES[model]).from_pretrained(controlnet_dir)
+    for key, value in frozen.state_dict().items():
+        assert torch.equal(module.controlnet.state_dict()[key].to(value.dtype), value), key
+    lora = tmp_path / "run" / "lora"
+    assert (lora / "pytorch_lora_weights.safetensors").is_file()
+    from safetensors.torch import load_file
+
+    weights = load_file(lora / "pytorch_lora_weights.safetensors")
+    assert weights and all(k.startswith("transformer.") for k in weights)  # the family pipeline's naming
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())  # trained (B starts at zero)
+
+    hint = np.zeros((64, 64, 3), np.uint8)
+    hint[20:44, 20:44] = 255
+    Image.fromarray(hint).save(tmp_path / "h.png")
+    common = [f"controlnet={controlnet_dir}", "device=cpu", "num_inference_steps=2", f"hints=[{tmp_path / 'h.png'}]"]
+    plain = generate(compose_in("generate", [*common, f"out_dir={tmp_path / 'g0'}"]))
+    adapted = generate(compose_in("generate", [*common, f"lora={lora}", f"out_dir={tmp_path / 'g1'}"]))
+    assert not np.array_equal(np.asarray(Image.open(plain[0])), np.asarray(Image.open(adapted[0])))

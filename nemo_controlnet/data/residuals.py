@@ -203,7 +203,7 @@ def read_residuals(path: Path, k: int, branch: str, shapes: dict[str, tuple]) ->
     return out
 
 
-def residual_shapes(residuals, latent: list[int], resolution: int, text: tuple, hint_channels: int,
+def residual_shapes(residuals, family, latent: list[int], resolution: int, text: tuple, hint_channels: int,
                     device) -> dict[str, list[int]]:  # fmt: skip
     """A ControlNet's per-scale residual shapes (C, H, W) for one sample, from one call on zeros.
     ``residuals``: a ``models.adapters.ControlResiduals`` (wherever it keeps the ControlNet)."""
@@ -212,9 +212,10 @@ def residual_shapes(residuals, latent: list[int], resolution: int, text: tuple, 
     if pooled is not None:  # SDXL: any micro-conditioning will do for shapes
         added = {"text_embeds": pooled, "time_ids": torch.tensor([[resolution] * 6], device=device, dtype=pooled.dtype)}
     with torch.no_grad():
-        down, mid = residuals(torch.zeros(1, *latent, device=device), torch.zeros(1, dtype=torch.long, device=device),
-                              states, torch.zeros(1, hint_channels, resolution, resolution, device=device), 1.0,
-                              added)  # fmt: skip
+        cond = {"encoder_hidden_states": states, "added_cond_kwargs": added}
+        down, mid = residuals(family, torch.zeros(1, *latent, device=device),
+                              torch.zeros(1, dtype=torch.long, device=device), cond,
+                              torch.zeros(1, hint_channels, resolution, resolution, device=device), 1.0)  # fmt: skip
     return {name: list(r.shape[1:]) for name, r in zip(scale_names(len(down)), (*down, mid), strict=True)}
 
 

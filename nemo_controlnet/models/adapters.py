@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 
@@ -164,31 +165,32 @@ class ControlResiduals:
                       len(self._host), size / 2**20, (time.perf_counter() - start) * 1e3)  # fmt: skip
 
     @torch.no_grad()
-    def __call__(self, noisy_latents, timesteps, encoder_hidden_states, hint, scale=1.0, added_cond_kwargs=None):
-        """Detached (down residuals, mid residual), parked per ``storage``; ``fetch`` brings them back."""
+    def __call__(self, family, noisy, timesteps, cond: dict, hint, scale: float = 1.0):
+        """The family's residuals for this input (SD UNets: down residuals and the mid one; transformers: per
+        block), detached, parked per ``storage``; ``fetch`` brings them back."""
         if self.device is None:
-            self.place(noisy_latents.device)
-        dtype = self.controlnet.dtype
-        down, mid = self.controlnet(
-            noisy_latents.to(dtype), timesteps, encoder_hidden_states=encoder_hidden_states.to(dtype),
-            controlnet_cond=hint.to(dtype), conditioning_scale=scale, added_cond_kwargs=added_cond_kwargs,
-            return_dict=False,
-        )  # fmt: skip
-        residuals = [r.detach() for r in (*down, mid)]
+            self.place(noisy.device)
+        residuals = _each(lambda r: r.detach(), family.control_residuals(self.controlnet, noisy, timesteps, cond,
+                                                                          hint, scale))  # fmt: skip
         if self.storage == "cpu_pinned":
             if self.device.type == "cuda":  # a non-blocking device-to-host copy lands in pinned memory
-                residuals = [r.to("cpu", non_blocking=True) for r in residuals]
-            else:  # dev mode: plain host memory, a copy all the same
-                residuals = [r.to("cpu", copy=True) for r in residuals]
-        return residuals[:-1], residuals[-1]
+                return _each(lambda r: r.to("cpu", non_blocking=True), residuals)
+            return _each(lambda r: r.to("cpu", copy=True), residuals)  # dev mode: plain host memory, a copy
+        return residuals
 
-    def fetch(self, down: list[torch.Tensor], mid: torch.Tensor, device, dtype) -> tuple[list, torch.Tensor]:
-        """The residuals on the UNet's device and dtype (non-blocking copies from pinned memory)."""
-        move = lambda r: r.to(device=device, dtype=dtype, non_blocking=True)  # noqa: E731
-        return [move(r) for r in down], move(mid)
+    def fetch(self, residuals, device, dtype):
+        """The residuals on the base's device and dtype (non-blocking copies from pinned memory)."""
+        return _each(lambda r: r.to(device=device, dtype=dtype, non_blocking=True), residuals)
 
 
-def save_lora(unet: torch.nn.Module, out_dir, metadata: dict | None = None) -> None:
+def _each(fn, residuals):
+    """``fn`` on every tensor of a family's residuals (nested tuples and lists; None where a family has none)."""
+    if isinstance(residuals, (tuple, list)):
+        return type(residuals)(_each(fn, r) for r in residuals)
+    return None if residuals is None else fn(residuals)
+
+
+def save_lora(unet: torch.nn.Module, out_dir, metadata: dict | None = None, pipeline_cls=None) -> None:
     """The UNet's LoRA as diffusers writes it (``pytorch_lora_weights.safetensors``, with the adapter's
     rank/alpha recorded so the scale survives), which ``pipe.load_lora_weights(out_dir)`` reads; a
     LoKr in peft's format (``adapter_config.json`` + ``adapter_model.safetensors``)."""
@@ -204,10 +206,14 @@ def save_lora(unet: torch.nn.Module, out_dir, metadata: dict | None = None) -> N
     config = unet.peft_config["default"]
     with atomic_dir(Path(out_dir), checksums=True) as tmp:
         if type(config).__name__ == "LoraConfig":
-            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-            StableDiffusionPipeline.save_lora_weights(
-                tmp, unet_lora_layers=layers, safe_serialization=True, unet_lora_adapter_metadata=config.to_dict(),
-            )  # fmt: skip
+            cls = pipeline_cls or StableDiffusionPipeline  # the family's: SD3 and Flux name the part "transformer"
+            names = inspect.signature(cls.save_lora_weights).parameters
+            part = "unet" if "unet_lora_layers" in names else "transformer"
+            layers = get_peft_model_state_dict(unet)  # peft's names, as diffusers' SD3 and Flux LoRA scripts save
+            if part == "unet":  # diffusers' UNet LoRA names
+                layers = convert_state_dict_to_diffusers(layers)
+            cls.save_lora_weights(tmp, safe_serialization=True, **{f"{part}_lora_layers": layers,
+                                                                   f"{part}_lora_adapter_metadata": config.to_dict()})
         else:  # LoKr: diffusers' LoRA loader does not read it; peft's own format (adapter_config.json + weights)
             from safetensors.torch import save_file
 

@@ -140,6 +140,26 @@ def component_from_node(node, checkpoint: str, subfolder: str):
     return single_file_component(target, checkpoint, subfolder, **kwargs)
 
 
+def single_file_transformer(node, checkpoint: str):
+    """A transformer (SD3, SD3.5, Flux.1) from one original-layout file, as its makers ship it: the
+    architecture is the config node's, or, for a ``from_pretrained`` node (``local_sd3``, ``local_flux``),
+    that directory's ``config.json``;
+    diffusers' single-file converter maps the weights. The file is read safely (safetensors, or
+    ``weights_only``)."""
+    from omegaconf import OmegaConf
+
+    kwargs = OmegaConf.to_container(node, resolve=True)
+    target = kwargs.pop("_target_")
+    try:
+        if target.endswith(".from_pretrained"):  # model.path: the architecture from the directory
+            cls = get_class(target.rsplit(".", 1)[0])
+            return cls.from_single_file(_checkpoint(checkpoint), config=kwargs["pretrained_model_name_or_path"],
+                                        subfolder=kwargs.get("subfolder"), local_files_only=True)  # fmt: skip
+        return component_from_node(node, checkpoint, "transformer")
+    finally:
+        release_checkpoints()
+
+
 # -- writing -------------------------------------------------------------------------------
 
 

@@ -69,6 +69,9 @@ class ResidualMaker:
     def __init__(self, cfg: DictConfig, device: str):
         model_cfg = OmegaConf.merge(cfg.model, {"control_stage_config": {"pretrained": str(cfg.residuals.controlnet)}})
         self.family = family_for(model_cfg)
+        if not self.family.residual_precompute:
+            raise ValueError(f"mode=residuals: the residual store holds SD UNet residuals, not the "
+                             f"{self.family.name} family's; its adapter runs compute them on the fly")  # fmt: skip
         stack = self.family.build_stack(model_cfg)
         # Before any dtype change: the fingerprints training computes from the same configs.
         self.base_fingerprint = fingerprint(stack.unet, stack.vae, *stack.text_encoders())
@@ -122,8 +125,9 @@ class ResidualMaker:
                 added = {k: torch.cat([c["added_cond_kwargs"][k].expand(self.K, *v.shape[1:]) for c in rows])
                          for k, v in added.items()}  # fmt: skip
             hint = normalize_hint(s["hint"][None]).to(self.device).expand(2 * self.K, -1, -1, -1)
-            down, mid = self.controlnet(torch.cat([noisy, noisy]), torch.cat([timesteps, timesteps]).to(self.device),
-                                        states, hint, self.scale, added)  # fmt: skip
+            cond = {"encoder_hidden_states": states, "added_cond_kwargs": added}
+            both = torch.cat([timesteps, timesteps]).to(self.device)
+            down, mid = self.controlnet(self.family, torch.cat([noisy, noisy]), both, cond, hint, self.scale)
         out = {"latents": latents[0].contiguous(), "timesteps": timesteps.to(torch.int64)}
         names = scale_names(len(down))
         for k in range(self.K):
@@ -137,7 +141,8 @@ class ResidualMaker:
         """Per-scale (C, H, W) of one sample's residuals at ``resolution``, and the latents' (C, h, w)."""
         factor = 2 ** (len(self.stack.vae.config.block_out_channels) - 1)
         latent = [int(self.stack.vae.config.latent_channels), resolution // factor, resolution // factor]
-        return residual_shapes(self.controlnet, latent, resolution, self.empty, self.hint_channels, self.device), latent
+        return residual_shapes(self.controlnet, self.family, latent, resolution, self.empty, self.hint_channels,
+                               self.device), latent  # fmt: skip
 
 
 def read_sample(sample: dict, cfg: DictConfig, hint_fn, hint_channels: int) -> dict:

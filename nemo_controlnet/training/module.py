@@ -51,6 +51,10 @@ class ControlNetModule(L.LightningModule):
         self.schedule = parse_schedule(self.research)  # before anything loads: a bad key fails in seconds
         self.aux_loss = make_aux_loss(controlnet_cfg)  # None: controlnet.aux_loss=none
         self.family = family_for(model_cfg)
+        self.training_mode.check_family(self.family)  # before the base loads
+        if self.reroute == "precompute" and not self.family.residual_precompute:
+            raise ValueError(f"controlnet_reroute=precompute: the residual store holds SD UNet residuals, not the "
+                             f"{self.family.name} family's; use controlnet_reroute=always")  # fmt: skip
 
         stack = self.family.build_stack(model_cfg)
         self.unet, self.vae, self.text_encoder = stack.unet, stack.vae, stack.text_encoder

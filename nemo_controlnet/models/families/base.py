@@ -5,6 +5,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from pathlib import Path
 
+import diffusers
 import torch
 from omegaconf import DictConfig
 
@@ -15,6 +16,9 @@ class ModelFamily(ABC):
     name: str
     default_guidance_scale = 7.5  # sampling's guidance_scale when generate, eval or validation leave it null
     original_layout = True  # has a single-file ControlNet layout (export_original_controlnet); else diffusers only
+    control_lora = True  # Control-LoRA applies (a ControlNet copied from a UNet's encoder)
+    residual_precompute = True  # controlnet-prep mode=residuals and controlnet_reroute=precompute (UNet residuals)
+    lora_pipeline_class: type = diffusers.StableDiffusionPipeline  # writes and reads the base's LoRA (adapter mode)
 
     @abstractmethod
     def build_stack(self, model_cfg: DictConfig):

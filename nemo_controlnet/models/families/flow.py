@@ -17,6 +17,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from nemo_controlnet.models.families.base import ModelFamily
+from nemo_controlnet.models.single_file import single_file_transformer
+from nemo_controlnet.models.stack import instantiate_seeded
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,8 @@ class FlowMatchingFamily(ModelFamily):
     """A transformer over a shifted, scaled VAE, trained by rectified flow; the hint VAE-encoded."""
 
     original_layout = False
+    control_lora = False  # Control-LoRA copies a UNet's encoder
+    residual_precompute = False  # the residual store holds SD UNet (down, mid) residuals
     controlnet_class: type  # the diffusers ControlNet class (from_pretrained)
     controlnet_keys: tuple = ()  # config keys a ControlNet shares with the transformer it drives
 
@@ -87,6 +91,16 @@ class FlowMatchingFamily(ModelFamily):
             raise ValueError(f"model.family.max_sequence_length={max_sequence_length!r}: a positive integer")
         self.weighting_scheme, self.logit_mean, self.logit_std = weighting_scheme, float(logit_mean), float(logit_std)
         self.mode_scale, self.max_sequence_length = float(mode_scale), max_sequence_length
+
+    def build_transformer(self, model_cfg: DictConfig) -> torch.nn.Module:
+        """The transformer: from ``model.checkpoint`` (one original-layout file, as its makers ship it; the
+        other parts then come from their own nodes), or from its node (random init, or model.path)."""
+        checkpoint = model_cfg.get("checkpoint")
+        if not checkpoint:
+            return instantiate_seeded(model_cfg.unet_config, int(model_cfg.seed), "transformer")
+        transformer = single_file_transformer(model_cfg.unet_config, checkpoint)
+        log.info("transformer read from the single file %s", checkpoint)
+        return transformer
 
     # -- the ControlNet --------------------------------------------------------------------
     def make_controlnet(self, model_cfg: DictConfig, stack) -> torch.nn.Module:

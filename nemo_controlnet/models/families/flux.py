@@ -111,6 +111,7 @@ class FluxFamily(FlowMatchingFamily):
     name = "flux"
     controlnet_class = FluxControlNetModel
     controlnet_keys = CONTROLNET_KEYS
+    lora_pipeline_class = diffusers.FluxPipeline
 
     @property
     def default_guidance_scale(self) -> float:
@@ -130,11 +131,9 @@ class FluxFamily(FlowMatchingFamily):
     # -- the stack -------------------------------------------------------------------------
     def build_stack(self, model_cfg: DictConfig) -> FluxStack:
         validate_model_config(OmegaConf.create({"model": model_cfg}))
-        if model_cfg.get("checkpoint"):
-            raise ValueError("model.checkpoint: the flux family reads diffusers directories, not single files")
         seed, cond = int(model_cfg.seed), model_cfg.cond_stage_config
         return FluxStack(
-            unet=seeded(model_cfg.unet_config, seed, "transformer"),
+            unet=self.build_transformer(model_cfg),
             vae=seeded(model_cfg.first_stage_config, seed + 1, "vae"),
             text_encoder=seeded(cond.text_encoder, seed + 2, "text_encoder"),
             tokenizer=instantiate(cond.tokenizer),

@@ -100,6 +100,7 @@ class SD3Family(FlowMatchingFamily):
     default_guidance_scale = 7.0  # StableDiffusion3Pipeline's
     controlnet_class = SD3ControlNetModel
     controlnet_keys = CONTROLNET_KEYS
+    lora_pipeline_class = diffusers.StableDiffusion3Pipeline
 
     def __init__(self, weighting_scheme: str = "logit_normal", logit_mean: float = 0.0, logit_std: float = 1.0,
                  mode_scale: float = 1.29, max_sequence_length: int = 77):  # fmt: skip
@@ -108,14 +109,12 @@ class SD3Family(FlowMatchingFamily):
     # -- the stack -------------------------------------------------------------------------
     def build_stack(self, model_cfg: DictConfig) -> SD3Stack:
         validate_model_config(OmegaConf.create({"model": model_cfg}))
-        if model_cfg.get("checkpoint"):
-            raise ValueError("model.checkpoint: the sd3 family reads diffusers directories, not single files")
         seed, cond = int(model_cfg.seed), model_cfg.cond_stage_config
         tokenizers = [instantiate(cond.get(k)) if cond.get(k) else None for k in ("tokenizer", "tokenizer_2",
                                                                                      "tokenizer_3")]  # fmt: skip
         t5 = seeded(cond.text_encoder_3, seed + 4, "text_encoder_3") if cond.get("text_encoder_3") else None
         return SD3Stack(
-            unet=seeded(model_cfg.unet_config, seed, "transformer"),
+            unet=self.build_transformer(model_cfg),
             vae=seeded(model_cfg.first_stage_config, seed + 1, "vae"),
             text_encoder=seeded(cond.text_encoder, seed + 2, "text_encoder"),
             tokenizer=tokenizers[0],

@@ -135,8 +135,9 @@ class SDUNetFamily(ModelFamily):
 
     def control_residuals(self, controlnet, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict,
                           hint: torch.Tensor, scale: float) -> Residuals:  # fmt: skip
-        return controlnet(noisy, timesteps, encoder_hidden_states=cond["encoder_hidden_states"],
-                          controlnet_cond=hint, conditioning_scale=scale,
+        dtype = next(controlnet.parameters()).dtype  # a frozen ControlNet is in the locked parts' dtype
+        return controlnet(noisy.to(dtype), timesteps, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+                          controlnet_cond=hint.to(dtype), conditioning_scale=scale,
                           added_cond_kwargs=cond["added_cond_kwargs"], return_dict=False)  # fmt: skip
 
     def denoise(self, base, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict,

@@ -36,6 +36,9 @@ class TrainingMode:
         self.adapter_cfg, self.controlnet_opts = adapter, controlnet or {}
 
     # -- modules ---------------------------------------------------------------------------
+    def check_family(self, family) -> None:
+        """Refuse a model family this mode cannot train, before the base loads (default: any)."""
+
     def build(self, module) -> None:
         """Build what the mode adds to the locked stack (``module.controlnet``); before freezing."""
 

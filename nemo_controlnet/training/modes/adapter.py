@@ -30,6 +30,8 @@ from nemo_controlnet.training.modes import TrainingMode
 log = logging.getLogger(__name__)
 
 
+
+
 class AdapterMode(TrainingMode):
     name = "adapter"
 
@@ -102,8 +104,8 @@ class AdapterMode(TrainingMode):
         on_mismatch = str(opts.get("on_mismatch") or "error")
         with torch.no_grad():
             empty = module.encode_prompts([""])
-        expected = residual_shapes(module.residuals, manifest["latent_shape"], int(data_cfg.resolution), empty,
-                                   int(module.model_cfg.hint_channels), module.device)  # fmt: skip
+        expected = residual_shapes(module.residuals, module.family, manifest["latent_shape"], int(data_cfg.resolution),
+                                   empty, int(module.model_cfg.hint_channels), module.device)  # fmt: skip
         got = manifest["shapes"]
         for name in sorted(set(expected) | set(got), key=lambda n: (n == "mid", n)):
             if expected.get(name) != got.get(name):
@@ -170,10 +172,8 @@ class AdapterMode(TrainingMode):
         # Frozen: detached residuals, one per UNet skip, on the UNet's device and in its dtype,
         # wherever the ControlNet lives and the residuals waited. A dropped caption keeps its hint:
         # the unconditional pass of classifier-free guidance at sampling time sees the same hint too.
-        with torch.no_grad():
-            down, mid = module.residuals(noisy, timesteps, cond["encoder_hidden_states"], hint, module.control_scale,
-                                         cond["added_cond_kwargs"])  # fmt: skip
-        return module.residuals.fetch(down, mid, noisy.device, module.unet.dtype)
+        residuals = module.residuals(module.family, noisy, timesteps, cond, hint, module.control_scale)
+        return module.residuals.fetch(residuals, noisy.device, module.unet.dtype)
 
     def precomputed_residuals(self, module, batch, state: list[str], noisy, timesteps, cond):
         """The batch's stored residuals (the loader chose k and cond/uncond per sample); rows without a file
@@ -182,15 +182,13 @@ class AdapterMode(TrainingMode):
         log.debug("residual cache: %d hit(s), %d miss(es) in a batch of %d", hits, len(state) - hits, len(state))
         down, mid = batch_residuals(batch)
         if hits < len(state):
-            with torch.no_grad():
-                live_down, live_mid = module.residuals(noisy, timesteps, cond["encoder_hidden_states"],
-                                                       batch[module.control_key], module.control_scale,
-                                                       cond["added_cond_kwargs"])  # fmt: skip
-            live_down, live_mid = module.residuals.fetch(live_down, live_mid, noisy.device, down[0].dtype)
+            live = module.residuals(module.family, noisy, timesteps, cond, batch[module.control_key],
+                                    module.control_scale)  # fmt: skip
+            live_down, live_mid = module.residuals.fetch(live, noisy.device, down[0].dtype)
             hit = torch.tensor([s == "hit" for s in state], device=noisy.device)[:, None, None, None]
             down = [torch.where(hit, d, live) for d, live in zip(down, live_down, strict=True)]
             mid = torch.where(hit, mid, live_mid)
-        return module.residuals.fetch(down, mid, noisy.device, module.unet.dtype)
+        return module.residuals.fetch((down, mid), noisy.device, module.unet.dtype)
 
     def param_groups(self, module, optim: DictConfig) -> list[dict]:
         adapter = [p for p in module.unet.parameters() if p.requires_grad]
@@ -215,7 +213,7 @@ class AdapterMode(TrainingMode):
             "hint": {k: opts.get(k) for k in ("type", "canny_threshold1", "canny_threshold2", "blur", "control_size")},
         }  # fmt: skip
         out = run_dir / "lora"
-        save_lora(module.unet, out, metadata)
+        save_lora(module.unet, out, metadata, module.family.lora_pipeline_class)
         if self.controlnet_trains and module.controlnet is not None:
             export_controlnet(module.controlnet if controlnet is None else controlnet, run_dir / "controlnet", metadata)
         log.info("exported the %s adapter to %s", self.adapter_cfg.type, out)

@@ -42,6 +42,11 @@ class ControlLoraMode(ControlNetMode):
         self.dropout = float(a.get("dropout") or 0.0)
         self.base = None  # the base UNet's identity, taken before it is frozen (build)
 
+    def check_family(self, family) -> None:
+        if not family.control_lora:
+            raise ValueError(f"training_mode=control_lora: not available for the {family.name} family (it "
+                             "updates a copy of a UNet's encoder); train its ControlNet instead")  # fmt: skip
+
     def build(self, module) -> None:
         if not module.sd_locked:
             raise ValueError("training_mode=control_lora trains a low-rank update of a copy of the locked UNet's "
