@@ -16,6 +16,8 @@ What is counted and what is measured:
   every base block after its first residual, so the base's activations are kept too.
   With ``perf.gradient_checkpointing`` (controlnet and unet_decoder, which for Flux is every block) only
   each block's inputs stay, plus one block's saved tensors while it is recomputed.
+- Training on cached text embeddings (controlnet-prep mode=encode) releases T5 and CLIP before the first
+  step (perf.release_text_encoders): the last total leaves them out.
 - Not modelled: the CUDA context and allocator fragmentation (add a few GiB), the VAE and T5 running
   in the step (their activations, without grad, are freed at once; cache them with controlnet-prep
   mode=encode and they do not run), NCCL buffers.
@@ -50,23 +52,46 @@ def counts(model: str) -> tuple[dict, object, object]:
     return sizes, stack, controlnet
 
 
-def saved_bytes(block: torch.nn.Module, tokens_img: int, tokens_txt: int, dim: int, heads: int) -> int:
-    """Bytes autograd saves for one block's backward (weights excluded), bf16 on the CPU."""
+def block_and_inputs(block: torch.nn.Module, tokens_img: int, tokens_txt: int, dim: int, device="cpu"):
+    """A real-size copy of a (meta) Flux block in bf16 on ``device``, random weights that do not train
+    (locked or not, the saved activations are the same), and its inputs at these token counts."""
     from diffusers.models.transformers.transformer_flux import FluxPosEmbed
 
-    block = copy.deepcopy(block).to_empty(device="cpu")
+    block = copy.deepcopy(block).to_empty(device=device)
     for p in block.parameters():
         torch.nn.init.normal_(p, std=0.02)
-        p.requires_grad_(False)  # locked or not, the saved activations are the same; weights are not counted
+        p.requires_grad_(False)
     block = block.to(torch.bfloat16)
-    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
-    hidden = torch.randn(1, tokens_img, dim, dtype=torch.bfloat16, requires_grad=True)
-    text = torch.randn(1, tokens_txt, dim, dtype=torch.bfloat16, requires_grad=True)
-    temb = torch.randn(1, dim, dtype=torch.bfloat16)
     ids = torch.zeros(tokens_txt + tokens_img, 3)
     ids[tokens_txt:, 1] = torch.arange(tokens_img) // 64
     ids[tokens_txt:, 2] = torch.arange(tokens_img) % 64
-    rope = FluxPosEmbed(theta=10000, axes_dim=[16, 56, 56])(ids)
+    rope = tuple(r.to(device) for r in FluxPosEmbed(theta=10000, axes_dim=[16, 56, 56])(ids))
+    inputs = {
+        "hidden_states": torch.randn(1, tokens_img, dim, dtype=torch.bfloat16, device=device, requires_grad=True),
+        "encoder_hidden_states": torch.randn(1, tokens_txt, dim, dtype=torch.bfloat16, device=device,
+                                             requires_grad=True),  # fmt: skip
+        "temb": torch.randn(1, dim, dtype=torch.bfloat16, device=device),
+        "image_rotary_emb": rope,
+    }
+    return block, inputs
+
+
+def allocated_bytes(block: torch.nn.Module, tokens_img: int, tokens_txt: int, dim: int) -> int:
+    """On CUDA: the memory one block's forward leaves allocated for its backward (its outputs excluded)."""
+    block, inputs = block_and_inputs(block, tokens_img, tokens_txt, dim, "cuda")
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    out = block(**inputs)
+    torch.cuda.synchronize()
+    after = torch.cuda.memory_allocated()
+    outputs = sum(o.untyped_storage().nbytes() for o in (out if isinstance(out, tuple) else (out,)))
+    return after - before - outputs
+
+
+def saved_bytes(block: torch.nn.Module, tokens_img: int, tokens_txt: int, dim: int, heads: int) -> int:
+    """Bytes autograd saves for one block's backward (weights excluded), bf16 on the CPU."""
+    block, inputs = block_and_inputs(block, tokens_img, tokens_txt, dim)
+    params = {p.untyped_storage().data_ptr() for p in block.parameters()}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
@@ -76,7 +101,7 @@ def saved_bytes(block: torch.nn.Module, tokens_img: int, tokens_txt: int, dim: i
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        block(hidden_states=hidden, encoder_hidden_states=text, temb=temb, image_rotary_emb=rope)
+        block(**inputs)
     return sum(seen.values())
 
 
@@ -108,6 +133,7 @@ def main() -> None:
     checkpointed = boundary + max(double, single)
 
     locked = 2 * (sizes["transformer"] + sizes["t5"] + sizes["clip"] + sizes["vae"])
+    text = 2 * (sizes["t5"] + sizes["clip"])  # perf.release_text_encoders drops them on cached embeddings
     state = 16 * sizes["controlnet"] / args.gpus
     unit = max(sum(p.numel() for p in b.parameters()) for b in [*controlnet.transformer_blocks,
                                                                  *controlnet.single_transformer_blocks])  # fmt: skip
@@ -122,7 +148,7 @@ def main() -> None:
           f"{single / GIB:.3f} GiB (at {args.measure_tokens} tokens on the CPU, scaled x{scale:.2f})")  # fmt: skip
     rows = [
         ("locked parts, bf16, replicated", locked),
-        ("  of which T5-XXL (loaded even when the text embeddings are cached)", 2 * sizes["t5"]),
+        ("  of which the text encoders, T5-XXL and CLIP-L (released on cached text embeddings)", text),
         (f"ControlNet weights + grads + AdamW (fp32), / {args.gpus}", state),
         ("two gathered ControlNet units (bf16)", gathered),
         ("activations, no checkpointing", full * args.batch),
@@ -134,6 +160,8 @@ def main() -> None:
     base = locked + state + gathered
     print(f"| **total per GPU, no checkpointing** | **{(base + full * args.batch) / GIB:.1f}** |")
     print(f"| **total per GPU, checkpointed** | **{(base + checkpointed * args.batch) / GIB:.1f}** |")
+    print(f"| **total per GPU, checkpointed, cached text embeddings** | "
+          f"**{(base - text + checkpointed * args.batch) / GIB:.1f}** |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -43,6 +43,8 @@ ITEMS = [
     ("activation_checkpointing", "check", 60, False),
     ("channels_last", "check", 60, False),
     ("regional_compile", "check", 150, False),
+    ("transformer_families", "check", 120, False),
+    ("flux_block_memory", "check", 120, True),
     ("fused_adamw", "check", 60, True),
     ("fsdp_one_gpu", "check", 120, True),
     ("manual_swap_offload", "check", 90, True),

@@ -68,9 +68,11 @@ def compose_train(overrides: list[str] = ()):
         return compose(config_name="train", overrides=list(overrides))
 
 
-def tiny(device: torch.device, precision: str = "32", sd_locked: bool = False) -> ControlNetModule:
+def tiny(device: torch.device, precision: str = "32", sd_locked: bool = False, model: str = "tiny"
+         ) -> ControlNetModule:  # fmt: skip
     """The tiny model; unlocked, the UNet decoder trains too (gradients beyond the zero convolutions)."""
-    cfg = compose_train([f"model.sd_locked={str(sd_locked).lower()}", "model.proportion_empty_prompts=0.0"])
+    cfg = compose_train([f"model={model}", f"model.sd_locked={str(sd_locked).lower()}",
+                         "model.proportion_empty_prompts=0.0"])  # fmt: skip
     return ControlNetModule(cfg.model, cfg.optim, precision).to(device).train()
 
 
@@ -87,7 +89,7 @@ def loss_and_grads(module: ControlNetModule, data: dict, autocast=contextlib.nul
     with autocast():
         loss = module.diffusion_loss(data)
     loss.backward()
-    grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    grads = {n: p.grad.detach().clone() for n, p in module.named_parameters() if p.grad is not None}
     module.zero_grad(set_to_none=True)
     return loss.detach(), grads
 
@@ -98,12 +100,12 @@ def exact_fp32() -> None:
     torch.backends.cudnn.allow_tf32 = False
 
 
-def compare(ctx: Context, perf: dict, tol: float = TOL) -> tuple[bool, dict, ControlNetModule]:
+def compare(ctx: Context, perf: dict, tol: float = TOL, model: str = "tiny") -> tuple[bool, dict, ControlNetModule]:
     """The tiny model's loss and gradients with the ``perf`` switches against without them."""
     exact_fp32()
     device, data = ctx.device, batch(ctx.device)
-    ref_loss, ref_grads = loss_and_grads(tiny(device), data)
-    module = tiny(device)
+    ref_loss, ref_grads = loss_and_grads(tiny(device, model=model), data)
+    module = tiny(device, model=model)
     applied = apply_performance(module, OmegaConf.create({"tf32": False, "channels_last": False, **perf}),
                                 device.type)  # fmt: skip
     exact_fp32()
@@ -227,6 +229,56 @@ def regional_compile(ctx: Context) -> dict:
     return verdict(ok, f"{backend}: {details['applied'].get('compiled_blocks')} blocks, first step "
                        f"{details['first_step_s']:.1f} s, then {details['second_step_s']:.2f} s, grad err "
                        f"{details['max_grad_rel_err']:.1e}", details)  # fmt: skip
+
+
+def transformer_families(ctx: Context) -> dict:
+    """SD3 and Flux (tiny_sd3, tiny_flux) on the device: a bf16-mixed step (locked parts in bf16, trainable
+    weights and gradients fp32 and finite), and activation checkpointing of ControlNet and transformer blocks
+    against the plain step in fp32."""
+    device = ctx.device
+    autocast = lambda: torch.autocast(device.type, dtype=torch.bfloat16)  # noqa: E731
+    details, ok = {}, True
+    for model in ("tiny_sd3", "tiny_flux"):
+        module = tiny(device, "bf16-mixed", sd_locked=True, model=model)
+        loss, grads = loss_and_grads(module, batch(device), autocast)
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        bf16_ok = (math.isfinite(float(loss)) and module.unet.dtype == torch.bfloat16 and bool(grads)
+                   and all(p.dtype == torch.float32 for p in trainable)
+                   and all(torch.isfinite(g).all() for g in grads.values()))  # fmt: skip
+        ckpt_ok, compared, _ = compare(ctx, {"gradient_checkpointing": {"controlnet": True, "unet_decoder": True}},
+                                       model=model)  # fmt: skip
+        applied = compared["applied"]
+        ckpt_ok = ckpt_ok and applied.get("checkpointed_controlnet_blocks", 0) > 0
+        ckpt_ok = ckpt_ok and applied.get("checkpointed_unet_decoder_blocks", 0) > 0
+        details[model] = {"bf16_loss": float(loss), "bf16_ok": bf16_ok, "checkpointing_ok": ckpt_ok,
+                          "loss_rel_err": compared["loss_rel_err"], "max_grad_rel_err": compared["max_grad_rel_err"],
+                          "applied": applied}  # fmt: skip
+        ok = ok and bf16_ok and ckpt_ok
+    return verdict(ok, "; ".join(f"{m}: bf16 {'ok' if d['bf16_ok'] else 'FAILED'}, checkpointing grad err "
+                                 f"{d['max_grad_rel_err']:.1e}" for m, d in details.items()), details)  # fmt: skip
+
+
+def flux_block_memory(ctx: Context) -> dict:
+    """docs/scaling.md's Flux memory estimate against the GPU: one real-width double and one single block in
+    bf16 at 1024 px (4096 image + 512 text tokens); the memory the forward leaves allocated for backward
+    against scripts/flux_memory.py's CPU measurement at 576 tokens scaled linearly (within 30%)."""
+    flux_memory = load_script("flux_memory")
+    _, stack, _ = flux_memory.counts("flux")
+    t = stack.unet
+    dim = t.config.num_attention_heads * t.config.attention_head_dim
+    img, txt, measure = 4096, 512, 576
+    m_txt = max(1, measure * txt // (img + txt))
+    details, ok = {}, True
+    for kind, block in (("double", t.transformer_blocks[0]), ("single", t.single_transformer_blocks[0])):
+        estimate = flux_memory.saved_bytes(block, measure - m_txt, m_txt, dim, t.config.num_attention_heads)
+        estimate *= (img + txt) / measure
+        measured = flux_memory.allocated_bytes(block, img, txt, dim)
+        ratio = measured / estimate
+        details[kind] = {"estimate_gib": estimate / 2**30, "measured_gib": measured / 2**30, "ratio": ratio}
+        ok = ok and 0.7 <= ratio <= 1.3
+        torch.cuda.empty_cache()
+    return verdict(ok, "; ".join(f"{k} block {d['measured_gib']:.3f} GiB measured vs {d['estimate_gib']:.3f} "
+                                 f"estimated (x{d['ratio']:.2f})" for k, d in details.items()), details)  # fmt: skip
 
 
 def fused_adamw(ctx: Context) -> dict:
@@ -382,7 +434,7 @@ def bench_data(ctx: Context) -> dict:
 
 
 ITEMS = {f.__name__: f for f in (
-    environment, bf16_autocast, flash_sdpa, activation_checkpointing, channels_last, regional_compile, fused_adamw,
-    fsdp_one_gpu, manual_swap_offload, bench_train_sd15_512, bench_train_sdxl_1024_b4, bench_data,
-    bench_offload_sd15_512,
+    environment, bf16_autocast, flash_sdpa, activation_checkpointing, channels_last, regional_compile,
+    transformer_families, flux_block_memory, fused_adamw, fsdp_one_gpu, manual_swap_offload,
+    bench_train_sd15_512, bench_train_sdxl_1024_b4, bench_data, bench_offload_sd15_512,
 )}  # fmt: skip

@@ -199,3 +199,77 @@ def test_transformer_families_cache_t5_embeddings_in_shards_under_the_size_limit
     trainer, _ = train(train_cfg(f"model={model}", f"data.shards={tmp_path / 'out' / 'manifest.json'}",
                                  "trainer.max_steps=1", "data.batch_size=2"))  # fmt: skip
     assert trainer.global_step == 1
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny_sdxl", "tiny_sd3", "tiny_flux"])
+def test_released_text_encoders_change_no_step_and_no_validation_image(train_cfg, tmp_path, model):
+    """On cached text embeddings the text encoders are dropped before fit (perf.release_text_encoders, the
+    default): caption dropout swaps in the same empty prompt and the validation grids come out pixel for
+    pixel as with the encoders kept, for every family's pipeline (SDXL's zeroed negative, SD3's three
+    encoders, Flux's guidance without a negative)."""
+    inp = write_wide_shards(tmp_path / "in", num_shards=1, per_shard=4)
+    encode(tmp_path / "out", inp, f"model={model}")
+    runs = {}
+    for release in (True, False):
+        trainer, module = train(train_cfg(
+            f"model={model}", f"data.shards={tmp_path / 'out'}", f"run_dir={tmp_path / f'run_{release}'}",
+            "trainer.max_steps=2", "data.batch_size=2", "validation.every_n_steps=2",
+            "model.proportion_empty_prompts=0.75", f"perf.release_text_encoders={release}", "export.enabled=false",
+        ))  # fmt: skip
+        assert trainer.global_step == 2
+        runs[release] = module
+    released, kept = runs[True], runs[False]
+    assert released.text_encoder is None and released.text_encoder_2 is None
+    assert not any("text_encoder" in name for name, _ in released.named_parameters())
+    assert kept.text_encoder is not None and kept._empty_prompt is not None  # dropout happened, lazily encoded
+    with pytest.raises(RuntimeError, match="perf.release_text_encoders"):
+        released.encode_prompts(["a caption"])
+    trained = released.trainable_named_parameters()
+    assert trained.keys() == kept.trainable_named_parameters().keys()
+    for name, param in kept.trainable_named_parameters().items():
+        torch.testing.assert_close(trained[name], param, rtol=0, atol=0, msg=name)
+    for step in (0, 2):
+        released_grid, kept_grid = (np.asarray(Image.open(tmp_path / f"run_{r}" / "samples" / f"step_{step:07d}.png"))
+                                    for r in (True, False))  # fmt: skip
+        np.testing.assert_array_equal(released_grid, kept_grid)
+
+
+@pytest.mark.parametrize("model", ["tiny_sd3", "tiny_flux"])
+def test_transformer_families_cache_the_hint_posterior_and_never_run_the_vae_encoder(train_cfg, tmp_path, model,
+                                                                                      monkeypatch):  # fmt: skip
+    """SD3 and Flux ControlNets take the hint VAE-encoded: mode=encode caches its posterior as training reads
+    the hint (model.hint_channels, one channel repeated to three), a cached batch gives the online loss with
+    the same draws, training never runs the VAE encoder, and another hint_channels is refused by name."""
+    inp = write_wide_shards(tmp_path / "in", num_shards=1, per_shard=3)
+    encode(tmp_path / "out", inp, f"model={model}", "model.hint_channels=1")
+    manifest, samples = read(tmp_path / "out")
+    assert manifest["params"]["encoded"]["hint_latent_channels"] == 1
+    assert all("hint_latent.npy" in s for s in samples)
+
+    cfg = compose_train([f"model={model}", "model.hint_channels=1", "data.resolution=64",
+                         "model.proportion_empty_prompts=0"])  # fmt: skip
+    module = ControlNetModule(cfg.model, cfg.optim)
+    cached = normalize_batch(collate([make_decoder(cfg.data, 1, cached=True)(dict(s)) for s in samples]))
+    assert cached["hint"].shape == (3, 1, 64, 64) and cached["hint"].unique().tolist() == [0.0, 1.0]
+    with torch.no_grad():
+        expected = module.vae.encode(cached["hint"].expand(-1, 3, -1, -1) * 2 - 1).latent_dist.parameters
+    assert cached["hint_latent_dist"].dtype == torch.float16 and cached["hint_latent_dist"].shape == expected.shape
+    torch.testing.assert_close(cached["hint_latent_dist"].float(), expected, atol=2e-3, rtol=2e-3)
+    online = {k: v for k, v in cached.items() if k != "hint_latent_dist"}  # the hint VAE-encoded in the step
+    for seed in range(2):
+        torch.manual_seed(seed)
+        loss_cached = module.diffusion_loss(dict(cached))
+        torch.manual_seed(seed)
+        loss_online = module.diffusion_loss(dict(online))
+        torch.testing.assert_close(loss_cached, loss_online, rtol=1e-2, atol=1e-4)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the VAE encoder ran despite cached image and hint latents")
+
+    monkeypatch.setattr(AutoencoderKL, "encode", refuse)
+    common = (f"model={model}", f"data.shards={tmp_path / 'out'}", "trainer.max_steps=2", "data.batch_size=2",
+              "validation.num_samples=0")  # sampling VAE-encodes its control image; the step must not
+    trainer, _ = train(train_cfg(*common, "model.hint_channels=1"))
+    assert trainer.global_step == 2
+    with pytest.raises(ValueError, match=r"model\.hint_channels=3, but .* at 1 channel"):
+        train(train_cfg(*common, "model.hint_channels=3"))

@@ -327,6 +327,26 @@ def test_generate_returns_an_image(browser, workspace):
     screenshot(browser, "generate")
 
 
+def test_picking_a_controlnet_sets_its_family_guidance(browser, workspace):
+    """A Flux run's guidance default is its training guidance (tiny_flux: 3.5), an SD run's 7.5: picking
+    one moves the slider there (as controlnet-generate with guidance_scale null samples)."""
+    command = [sys.executable, "-m", "nemo_controlnet.cli.train", "model=tiny_flux",
+               f"run_dir={workspace / 'runs' / 'flux1'}",
+               "trainer.max_steps=1", "data.batch_size=2", "data.num_workers=0", "validation.num_samples=0",
+               "data.synthetic.train.num_samples=4", "data.synthetic.train.shard_size=4",
+               "trainer.enable_progress_bar=false"]  # fmt: skip
+    subprocess.run(command, check=True, cwd=workspace, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True)
+    tab(browser, "Generate")
+
+    def guidance() -> float:
+        return float(_el(browser, "#gen-guidance input[type=number]").get_attribute("value"))
+
+    fill(browser, "gen-controlnet", "flux1")
+    _wait("the Flux guidance", lambda: guidance() == 3.5, timeout=30)
+    fill(browser, "gen-controlnet", "tiny20")
+    _wait("the SD guidance", lambda: guidance() == 7.5, timeout=30)
+
+
 def test_files_outside_the_roots_are_refused_over_http(server):
     for path in ("/etc/passwd", f"{Path(__file__).resolve()}"):
         for route in ("gradio_api/file=", "file="):

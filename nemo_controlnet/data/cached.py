@@ -7,10 +7,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import logging
+
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_controlnet.data.layout import MANIFEST
 from nemo_controlnet.data.webdataset import expand_shards
+
+log = logging.getLogger(__name__)
 
 
 def manifest_of(spec) -> Path | None:
@@ -73,3 +77,20 @@ def check_encoder(encoded: dict, fingerprint: str) -> None:
             f"{encoded['fingerprint']}, but this model config builds {fingerprint}; re-encode with "
             "controlnet-prep mode=encode and the training model config, or train on the unencoded shards"
         )
+
+
+def check_hint_latents(encoded: dict, encodes_hint: bool, family: str, hint_channels: int) -> None:
+    """A family that VAE-encodes the hint (SD3, Flux) draws it from the cached posterior, which was encoded
+    from the hint read at ``model.hint_channels``: another value would change what the ControlNet sees.
+    Shards encoded without hint latents still train; the VAE encodes the hint in every step."""
+    if not encodes_hint:
+        return
+    channels = encoded.get("hint_latent_channels")
+    if channels is None:
+        log.warning("%s: no cached hint latents (encoded by an earlier version): the %s family's VAE encodes the "
+                    "hint in every step; re-encode with controlnet-prep mode=encode to cache them",
+                    encoded["manifest"], family)  # fmt: skip
+    elif int(channels) != hint_channels:
+        raise ValueError(f"model.hint_channels={hint_channels}, but {encoded['manifest']} cached the hint's "
+                         f"latents as read at {channels} channel(s): set model.hint_channels={channels} or "
+                         "re-encode")  # fmt: skip

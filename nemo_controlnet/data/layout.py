@@ -10,6 +10,7 @@ MANIFEST = "manifest.json"
 
 # Members of shards written by ``controlnet-prep mode=encode``.
 LATENT_MEMBER, TEXT_MEMBER, POOLED_MEMBER = "latent.npy", "text.npy", "pooled.npy"
+HINT_LATENT_MEMBER = "hint_latent.npy"  # families that VAE-encode the hint (SD3, Flux): its posterior
 SDXL_META = "sdxl"  # the ``json`` member's key for SDXL micro-conditioning: original_size, crop_top_left
 
 # An optional per-sample mask (controlnet.aux_loss=masked_recon): the member ``<mask_key>.png`` (single

@@ -35,6 +35,7 @@ from webdataset.utils import pytorch_worker_info
 
 from nemo_controlnet.data.decode import BadSample, decode_caption, load_array, load_hint_array, open_image, read_npy
 from nemo_controlnet.data.layout import (
+    HINT_LATENT_MEMBER,
     LATENT_MEMBER,
     MANIFEST,
     MASK,
@@ -157,7 +158,8 @@ class SampleDecoder:
         return ""
 
     def cached_sample(self, sample: dict, key: str) -> dict:
-        """Cached posterior and text embeddings, the hint as stored (already cropped with the latent)."""
+        """Cached posteriors (the image's; the hint's where the family VAE-encodes it) and text embeddings,
+        the hint as stored (already cropped with the latent)."""
         hint = load_hint_array(sample.get(self.hint_key))[0]
         if hint.shape[:2] != (self.resolution, self.resolution):
             size = (hint.shape[1], hint.shape[0])
@@ -175,6 +177,8 @@ class SampleDecoder:
         }
         if POOLED_MEMBER in sample:
             out["pooled_text_embeds"] = torch.from_numpy(read_npy(sample[POOLED_MEMBER], "pooled"))
+        if HINT_LATENT_MEMBER in sample:  # SD3, Flux: the hint's VAE posterior
+            out["hint_latent_dist"] = torch.from_numpy(read_npy(sample[HINT_LATENT_MEMBER], "hint_latent"))
         if self.mask_member and sample.get(self.mask_member) is not None:
             mask = load_hint_array(sample[self.mask_member], "mask")[0]
             if mask.shape[:2] != hint.shape[:2]:

@@ -40,6 +40,17 @@ def resolve_controlnet(path: str | Path) -> tuple[Path, Path | None]:
     )
 
 
+def default_guidance(controlnet: str | Path) -> float:
+    """The guidance scale sampling takes for this ControlNet when none is given (``guidance_scale: null``):
+    the default of the family of the base recorded with it (SD 7.5, SD3 7.0, Flux its training guidance).
+    Reads metadata only; nothing is built."""
+    controlnet_dir, _ = resolve_controlnet(controlnet)
+    meta = read_metadata(controlnet_dir)
+    if "base_model" not in meta:
+        raise ValueError(f"{controlnet_dir}: no base model recorded with this ControlNet (metadata.json)")
+    return float(family_for(OmegaConf.create(meta["base_model"])).default_guidance_scale)
+
+
 def load_hints(cfg: DictConfig, resolution: int, channels: int) -> torch.Tensor:
     """The hints to generate for: ``hints`` decoded and center-cropped as training's are, or the
     ``hint`` detector run on ``images`` after the same crop (as on-the-fly hints are in training)."""

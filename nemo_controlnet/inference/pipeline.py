@@ -9,7 +9,13 @@ import torch
 
 from nemo_controlnet.models.families.sd_unet import SAMPLERS, controlnet_pipeline
 
-__all__ = ["SAMPLERS", "controlnet_pipeline", "grid", "hint_to_uint8", "sample"]  # the pipeline: the SD UNet family's
+__all__ = ["SAMPLERS", "controlnet_pipeline", "grid", "hint_to_uint8", "sample", "sampling_precision"]
+# controlnet_pipeline: the SD UNet family's
+
+
+def sampling_precision(device: torch.device, dtype: torch.dtype):
+    """The autocast sampling runs under (none in float32): also where its prompts are encoded ahead of time."""
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
 
 @torch.no_grad()
@@ -25,12 +31,15 @@ def sample(
     dtype: torch.dtype = torch.float32,
     negative_prompt: str | None = None,
     guess_mode: bool = False,
+    prompt_embeds: dict[str, torch.Tensor] | None = None,
 ) -> np.ndarray:
     """Images (N, H, W, 3) uint8 for prompts and hints (N, C, H, W) in [0, 1] (the training range).
 
     Hints go in as tensors, so the pipeline sees exactly what training saw (its own image
     preprocessing of a [0, 1] tensor is the identity). ``seed``: one for the batch, or one per
-    sample (then a sample's image does not depend on which others share its batch).
+    sample (then a sample's image does not depend on which others share its batch). ``prompt_embeds``:
+    the pipeline's text inputs for these prompts, encoded ahead of time (``ModelFamily.prompt_embeds``;
+    training with released text encoders), given in place of the prompts.
     """
     device = pipe.unet.device
     height, width = hints.shape[-2:]
@@ -38,16 +47,21 @@ def sample(
         generator = [torch.Generator(device="cpu").manual_seed(s) for s in seed]
     else:
         generator = torch.Generator(device="cpu").manual_seed(seed)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
     control = {}
     if getattr(pipe, "controlnet", None) is not None:  # a text-to-image pipeline takes no hint
         # Classifier-free guidance: the pipeline runs the unconditional pass with the same hint; with
         # guess_mode the ControlNet drives the conditional pass only (control without relying on text).
         control = {"image": hints.to(device, torch.float32), "controlnet_conditioning_scale": control_scale,
                    "guess_mode": guess_mode}  # fmt: skip
-    with autocast:
+    if prompt_embeds is not None:
+        text = {k: v.to(device) for k, v in prompt_embeds.items()}
+        if negative_prompt:
+            raise ValueError("negative_prompt: the prompts were encoded ahead of time, without it")
+    else:
+        text = {"prompt": list(prompts)}
+    with sampling_precision(device, dtype):
         out = pipe(
-            prompt=list(prompts),
+            **text,
             height=height,
             width=width,
             num_inference_steps=num_inference_steps,

@@ -10,7 +10,11 @@ the hint cropped the same way and the caption:
   show the model the same latent every epoch).
 - ``text.npy`` (and ``pooled.npy`` for SDXL, SD3, Flux): the text encoders' output for the caption, as
   the model family encodes it (SD3: CLIP-L, CLIP-G and T5 states; Flux: T5 states). Caption dropout
-  swaps in the empty prompt's embedding at training time.
+  swaps in the empty prompt's embedding at training time; training then releases the text encoders
+  (``perf.release_text_encoders``).
+- ``hint_latent.npy`` (SD3, Flux: their ControlNets take the hint VAE-encoded): the VAE's posterior of
+  the hint as training reads it (``model.hint_channels``, one channel repeated to three), sampled every
+  step like the image's. With it the step never runs the VAE encoder.
 - ``json``: the input's metadata plus ``sdxl: {original_size, crop_top_left}`` (micro-conditioning).
 
 T5 states are large (Flux at 512 tokens: 4 MiB per sample in float16), so an input shard may become
@@ -42,10 +46,17 @@ from omegaconf import DictConfig, OmegaConf
 from PIL import Image
 
 from nemo_controlnet import __version__
-from nemo_controlnet.data.decode import BadSample, decode_caption, load_hint, load_image, open_image
-from nemo_controlnet.data.layout import LATENT_MEMBER, MANIFEST, POOLED_MEMBER, SDXL_META, TEXT_MEMBER
+from nemo_controlnet.data.decode import BadSample, decode_caption, load_hint, load_hint_array, load_image, open_image
+from nemo_controlnet.data.layout import (
+    HINT_LATENT_MEMBER,
+    LATENT_MEMBER,
+    MANIFEST,
+    POOLED_MEMBER,
+    SDXL_META,
+    TEXT_MEMBER,
+)
 from nemo_controlnet.data.tarshards import shard_samples
-from nemo_controlnet.data.transforms import ResizeCrop, normalize_image, to_uint8_chw
+from nemo_controlnet.data.transforms import ResizeCrop, normalize_hint, normalize_image, to_uint8_chw
 from nemo_controlnet.data.webdataset import SkipCounter, expand_shards
 from nemo_controlnet.io import atomic_path
 from nemo_controlnet.models.families import family_for
@@ -97,18 +108,28 @@ class Encoder:
         self.fingerprint = encoder_fingerprint(stack.vae, *stack.text_encoders())
         self.dtype = compute_dtype(precision)
         self.device = torch.device(device)
+        self.hint_channels = int(model_cfg.hint_channels)
+        self.encodes_hint = self.family.encodes_hint
         del stack.unet
         self.stack = stack
         for module in (stack.vae, *stack.text_encoders()):
             freeze(module, self.dtype).to(self.device)
 
     @torch.no_grad()
-    def __call__(self, images: list[Image.Image], captions: list[str]) -> dict[str, np.ndarray]:
+    def __call__(self, images: list[Image.Image], captions: list[str], hints: list[bytes] | None = None
+                 ) -> dict[str, np.ndarray]:  # fmt: skip
+        """The members for a batch: image posteriors, text embeddings, and for families that VAE-encode
+        the hint, the hint's posterior (``hints``: the hint members as written, decoded as training
+        decodes them, at the model's hint_channels)."""
         pixels = torch.stack([to_uint8_chw(np.asarray(im), 3) for im in images]).to(self.device)
         pixels = normalize_image(pixels).to(self.dtype)
         latent = self.stack.vae.encode(pixels).latent_dist.parameters
         states, pooled = self.family.encode_text(self.stack, captions)
         out = {LATENT_MEMBER: latent, TEXT_MEMBER: states}
+        if self.encodes_hint and hints is not None:
+            planes = [to_uint8_chw(load_hint_array(h)[0], self.hint_channels) for h in hints]
+            out[HINT_LATENT_MEMBER] = self.family.hint_posterior(self.stack, normalize_hint(
+                torch.stack(planes).to(self.device)))  # fmt: skip
         if pooled is not None:
             out[POOLED_MEMBER] = pooled
         return {k: v.float().cpu().numpy().astype(np.float16) for k, v in out.items()}
@@ -167,12 +188,13 @@ def encode_shard(index: int, url: str, cfg: DictConfig, encoder: Encoder, hint_f
             nonlocal written, part_bytes
             if not pending:
                 return
-            arrays = encoder([s["image"] for s in pending], [s["caption"] or "" for s in pending])
+            hints = [encode_image(s["hint"], cfg.hint_key, cfg.jpeg_quality) for s in pending]
+            arrays = encoder([s["image"] for s in pending], [s["caption"] or "" for s in pending], hints)
             for i, s in enumerate(pending):
                 sample = {
                     "__key__": s["key"],
                     cfg.image_key: encode_image(s["image"], cfg.image_key, cfg.jpeg_quality),
-                    cfg.hint_key: encode_image(s["hint"], cfg.hint_key, cfg.jpeg_quality),
+                    cfg.hint_key: hints[i],
                     **({cfg.caption_key: s["caption"]} if s["caption"] is not None else {}),
                     "json": s["json"],
                     **{member: array[i] for member, array in arrays.items()},
@@ -209,7 +231,7 @@ def encode_shard(index: int, url: str, cfg: DictConfig, encoder: Encoder, hint_f
     return stats
 
 
-def encode_params(cfg: DictConfig, urls: list[str], fingerprint: str) -> dict:
+def encode_params(cfg: DictConfig, urls: list[str], encoder: Encoder) -> dict:
     return {
         "mode": "encode",
         "inputs": urls,
@@ -221,11 +243,14 @@ def encode_params(cfg: DictConfig, urls: list[str], fingerprint: str) -> dict:
         "seed": cfg.seed,
         "version": __version__,
         "encoded": {
-            "fingerprint": fingerprint,
+            "fingerprint": encoder.fingerprint,
             "resolution": int(cfg.resolution),
             "crop": "center",
             "precision": str(cfg.encode.precision),
-            "members": {"latent": LATENT_MEMBER, "text": TEXT_MEMBER, "pooled": POOLED_MEMBER},
+            "members": {"latent": LATENT_MEMBER, "text": TEXT_MEMBER, "pooled": POOLED_MEMBER,
+                        **({"hint_latent": HINT_LATENT_MEMBER} if encoder.encodes_hint else {})},
+            # the hint's posterior: of the hint read at these channels (one repeated to three for the VAE)
+            **({"hint_latent_channels": encoder.hint_channels} if encoder.encodes_hint else {}),
             "max_shard_mb": cfg.encode.get("max_shard_mb"),
             "latent": "VAE posterior parameters (mean, logvar), unscaled",
             "model": OmegaConf.to_container(cfg.model, resolve=True),
@@ -248,7 +273,7 @@ def encode_shards(cfg: DictConfig, job: JobControl) -> dict:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     encoder = Encoder(cfg.model, device, cfg.encode.precision)
-    params = encode_params(cfg, urls, encoder.fingerprint)
+    params = encode_params(cfg, urls, encoder)
     out_dir.mkdir(parents=True, exist_ok=True)
     check_params(out_dir, params, cfg.overwrite)
     task_index, num_tasks = resolve_task(cfg.task_index, cfg.num_tasks)

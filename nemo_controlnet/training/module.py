@@ -13,6 +13,7 @@ from diffusers.optimization import get_scheduler
 from omegaconf import DictConfig, OmegaConf
 
 from nemo_controlnet.data.transforms import normalize_batch
+from nemo_controlnet.inference.pipeline import sampling_precision
 from nemo_controlnet.models.families import family_for
 from nemo_controlnet.models.stack import compute_dtype, encoder_fingerprint, fingerprint, freeze
 from nemo_controlnet.training.aux_loss import make_aux_loss
@@ -81,6 +82,7 @@ class ControlNetModule(L.LightningModule):
         self.data_position: tuple[int, int] = (0, -1)
         self._first_batch_logged = False
         self._empty_prompt = None  # the empty caption's embeddings, for dropout with cached embeddings
+        self._prompt_embeds: dict[str, dict[str, torch.Tensor]] | None = None  # release_text_encoders
         self.seed = seed
         self.channels_last = False  # set by training.perf.apply_performance
         self.lr_scale = 1.0  # optim.scale_lr: the effective batch
@@ -106,7 +108,49 @@ class ControlNetModule(L.LightningModule):
 
     # -- the step --------------------------------------------------------------------------
     def encode_prompts(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.text_encoder is None:
+            raise RuntimeError("the text encoders were released (perf.release_text_encoders: the shards carry cached "
+                               "text embeddings), but a batch came with captions to encode")  # fmt: skip
         return self.family.encode_text(self, captions)
+
+    @torch.no_grad()
+    def release_text_encoders(self, device: torch.device, prompts: list[str]) -> int:
+        """Training on cached text embeddings never runs the text encoders in the step: what still needs
+        them is encoded once, on ``device`` in the precision the step and sampling use, and they are dropped.
+        That is the empty prompt (caption dropout swaps it in) and the validation ``prompts`` as the sampling
+        pipeline encodes them (``validation_text``). Returns the bytes released."""
+        encoders = [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
+        size = sum(t.numel() * t.element_size() for m in encoders for t in (*m.parameters(), *m.buffers()))
+        for module in encoders:
+            module.to(device)
+        with sampling_precision(device, self.locked_dtype):
+            if self.proportion_empty_prompts > 0:
+                states, pooled = self.encode_prompts([""])
+                self._empty_prompt = (states.cpu(), pooled.cpu() if pooled is not None else None)
+            self._prompt_embeds = {}
+            if prompts:
+                pipe = self.family.pipeline(self, self.controlnet)
+                unique = list(dict.fromkeys(prompts))
+                embeds = self.family.prompt_embeds(pipe, unique, device)
+                for i, prompt in enumerate(unique):
+                    self._prompt_embeds[prompt] = {k: v[i : i + 1].cpu() for k, v in embeds.items()}
+        self.text_encoder = self.text_encoder_2 = None
+        for module in encoders:
+            module.to("cpu")  # a caller's reference (a stack) keeps them in host memory, not on the device
+        del encoders
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return size
+
+    def validation_text(self, prompts: list[str]) -> dict[str, torch.Tensor] | None:
+        """The sampling pipeline's text inputs for these prompts, encoded by ``release_text_encoders``; None
+        while the text encoders are kept (the pipeline encodes the prompts itself)."""
+        if self._prompt_embeds is None or not prompts:
+            return None
+        missing = [p for p in prompts if p not in self._prompt_embeds]
+        if missing:
+            raise KeyError(f"validation prompts {missing} were not encoded before the text encoders were released")
+        return {k: torch.cat([self._prompt_embeds[p][k] for p in prompts]) for k in self._prompt_embeds[prompts[0]]}
 
     def cached_prompts(self, batch: dict, drop_captions: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Cached text embeddings, with caption dropout done by swapping in the empty prompt's."""
@@ -120,9 +164,9 @@ class ControlNetModule(L.LightningModule):
                 if self._empty_prompt is None:
                     self._empty_prompt = self.encode_prompts([""])
                 empty_states, empty_pooled = self._empty_prompt
-                states = torch.where(drop[:, None, None], empty_states.to(states.dtype), states)
+                states = torch.where(drop[:, None, None], empty_states.to(states.device, states.dtype), states)
                 if pooled is not None:
-                    pooled = torch.where(drop[:, None], empty_pooled.to(pooled.dtype), pooled)
+                    pooled = torch.where(drop[:, None], empty_pooled.to(pooled.device, pooled.dtype), pooled)
         return states, pooled
 
     def text_conditioning(self, batch: dict, drop_captions: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -183,7 +227,7 @@ class ControlNetModule(L.LightningModule):
         # The loader sends uint8; the floats of the contract are made here, on the device.
         batch = normalize_batch(batch, self.control_key)
         if self.channels_last:
-            for key in ("image", self.control_key, "latents", "latent_dist"):
+            for key in ("image", self.control_key, "latents", "latent_dist", "hint_latent_dist"):
                 if key in batch:
                     batch[key] = batch[key].contiguous(memory_format=torch.channels_last)
         return batch

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from nemo_controlnet import __version__
 from nemo_controlnet.config import validate_train_config
 from nemo_controlnet.data.datamodule import ShardDataModule, validation_samples
-from nemo_controlnet.data.cached import cached_encoding, check_encoder
+from nemo_controlnet.data.cached import cached_encoding, check_encoder, check_hint_latents
 from nemo_controlnet.data.indexed import make_buckets
 from nemo_controlnet.prep.synthetic import write_shapes_dataset
 from nemo_controlnet.notices import drop_duplicate_lightning_console
@@ -208,6 +208,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, ControlNetModule]
     prepare_buckets(cfg, module)
     if encoded:
         check_encoder(encoded, module.encoder_fingerprint)
+        check_hint_latents(encoded, module.family.encodes_hint, module.family.name, int(cfg.model.hint_channels))
     datamodule = ShardDataModule(
         cfg.data, int(cfg.model.hint_channels), int(cfg.seed), cfg.model.control_key, cached=bool(encoded)
     )
@@ -227,7 +228,6 @@ def _train(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, ControlNetModule]
     trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
     if isinstance(trainer_kwargs.get("strategy"), dict):  # a strategy object from a _target_ node
         trainer_kwargs["strategy"] = instantiate(cfg.trainer.strategy)
-        configure_fsdp(trainer_kwargs["strategy"], module)
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="step"))
         # Counting FLOPs runs one step outside the trainer; FSDP's units cannot be run that way.
@@ -247,6 +247,13 @@ def _train(cfg: DictConfig, run_dir: Path) -> tuple[L.Trainer, ControlNetModule]
         enable_checkpointing=False,  # StepCheckpoint writes them
         num_sanity_val_steps=0,
     )
+    if encoded and perf.get("release_text_encoders", True):
+        released = module.release_text_encoders(trainer.strategy.root_device, prompts)
+        log.info("perf.release_text_encoders: the text encoders (%.2f GiB) released; the step reads cached text "
+                 "embeddings, and the empty prompt and %d validation prompt(s) were encoded once on %s",
+                 released / 2**30, len(set(prompts)), trainer.strategy.root_device)  # fmt: skip
+    # FSDP's settings name the locked parts it ignores: after any release (the strategy reads them in fit)
+    configure_fsdp(trainer.strategy, module)
     effective = int(cfg.data.batch_size) * trainer.world_size * int(cfg.trainer.get("accumulate_grad_batches", 1))
     apply_performance(module, perf, trainer.strategy.root_device.type)
     if cfg.optim.get("scale_lr"):

@@ -90,13 +90,15 @@ class ValidationImages(EveryNOptimizerSteps):
                 # any rank may skip sampling).
                 controlnet = full_controlnet(trainer, pl_module, everywhere=True)
                 pipe = pl_module.family.pipeline(pl_module, controlnet, self.sampler)
+                prompts = [self.prompts[k % n] for k in mine]
                 images = sample(
-                    pipe, [self.prompts[k % n] for k in mine], self.hints[[k % n for k in mine]],
+                    pipe, prompts, self.hints[[k % n for k in mine]],
                     num_inference_steps=self.num_inference_steps,
                     guidance_scale=pl_module.family.default_guidance_scale if self.guidance_scale is None
                     else self.guidance_scale,
                     control_scale=pl_module.control_scale, seed=[self.seed + k for k in mine],
                     dtype=pl_module.locked_dtype, guess_mode=self.guess_mode,
+                    prompt_embeds=pl_module.validation_text(prompts),  # None: the pipeline encodes them
                 ) if mine else None  # fmt: skip
         finally:
             pl_module.train(was_training)

@@ -197,6 +197,19 @@ class App:
         return choices, line, frame, grid, gr.update(value=table, headers=keys or None), info.log_tail
 
     # ---- Generate
+    def guidance_for(self, controlnet):
+        """The guidance slider at the picked ControlNet's family default (unchanged when it cannot be read)."""
+        if not controlnet:
+            return gr.update()
+        candidate = self.runs_root / controlnet if "/" not in controlnet else controlnet
+        if self.roots.problem(candidate, "controlnet"):
+            return gr.update()
+        try:
+            return gr.update(value=self.generator.default_guidance(str(self.roots.resolve(candidate))))
+        except (OSError, ValueError, KeyError) as e:  # not (yet) an exported ControlNet: leave the slider
+            log.debug("no guidance default for %s: %s", controlnet, e)
+            return gr.update()
+
     def generate(self, controlnet, kind, upload, prompt, negative, scale, guidance, steps, seed, low, high, blur):
         if not controlnet:
             return None, None, "pick a run or an exported ControlNet"
@@ -353,5 +366,6 @@ def generate_tab(app: App, c: dict) -> None:
     inputs = [controlnet, kind, upload, prompt, negative, scale, guidance, steps, seed,
               c["low_threshold"], c["high_threshold"], c["blur"]]  # fmt: skip
     go.click(app.generate, inputs, [images, hint, message])
+    controlnet.change(app.guidance_for, [controlnet], [guidance])  # the family's default: SD 7.5, SD3 7, Flux 3.5
     controlnet.focus(lambda: gr.update(choices=app.run_choices()), None, [controlnet])
 

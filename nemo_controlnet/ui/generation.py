@@ -29,6 +29,7 @@ from nemo_controlnet.data.transforms import prepare_hint
 from nemo_controlnet.inference.generate import (
     Sampler,
     broadcast_prompts,
+    default_guidance,
     detect_hint,
     load_sampler,
     resolve_controlnet,
@@ -129,6 +130,11 @@ class Generator:
                 self._loaded.popitem(last=False)
             return sampler
 
+    @staticmethod
+    def default_guidance(controlnet: str | os.PathLike) -> float:
+        """The guidance ``generate`` takes with ``guidance_scale=None``: the ControlNet's base family default."""
+        return default_guidance(controlnet)
+
     def clear(self) -> None:
         """Drop the loaded samplers (their memory goes back once nothing else holds them)."""
         with self._lock:
@@ -145,7 +151,7 @@ class Generator:
         canny: dict | None = None,
         negative_prompt: str | None = None,
         control_scale: float = 1.0,
-        guidance_scale: float = 7.5,
+        guidance_scale: float | None = None,
         steps: int = 20,
         seed: int = 0,
         num_images: int = 1,
@@ -157,7 +163,8 @@ class Generator:
         """``num_images`` images for ``prompt`` and a ``hint`` (as the ControlNet was trained on), or an
         ``image`` whose hint Canny computes with ``canny`` settings over conf/hint/canny.yaml (those
         defaults when None). ``resolution``: the side the hint is cropped and resized to (None: the
-        training resolution recorded with the ControlNet). Bad input: ``ProblemsError`` keyed by argument."""
+        training resolution recorded with the ControlNet). ``guidance_scale`` None: the base family's default.
+        Bad input: ``ProblemsError`` keyed by argument."""
         problems = {}
         if (hint is None) == (image is None):
             problems["hint"] = "give either a hint or an image (with Canny settings), not both" if hint is not None \
@@ -185,7 +192,8 @@ class Generator:
             images: list[np.ndarray] = []
             batches = sample_batches(
                 loaded, prompts, hints, batch_size=self.batch_size, seed=int(seed), num_inference_steps=steps,
-                guidance_scale=float(guidance_scale), control_scale=float(control_scale),
+                guidance_scale=loaded.guidance_scale if guidance_scale is None else float(guidance_scale),
+                control_scale=float(control_scale),
                 negative_prompt=negative_prompt or None, guess_mode=guess_mode,
             )  # fmt: skip
             for _, batch in batches:

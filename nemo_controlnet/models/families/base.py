@@ -18,6 +18,7 @@ class ModelFamily(ABC):
     original_layout = True  # has a single-file ControlNet layout (export_original_controlnet); else diffusers only
     control_lora = True  # Control-LoRA applies (a ControlNet copied from a UNet's encoder)
     residual_precompute = True  # controlnet-prep mode=residuals and controlnet_reroute=precompute (UNet residuals)
+    encodes_hint = False  # the ControlNet takes the hint VAE-encoded (controlnet-prep mode=encode caches it)
     lora_pipeline_class: type = diffusers.StableDiffusionPipeline  # writes and reads the base's LoRA (adapter mode)
 
     @abstractmethod
@@ -62,6 +63,11 @@ class ModelFamily(ABC):
     def latents(self, stack, batch: dict, dtype: torch.dtype) -> torch.Tensor:
         """The batch's latents in float32, scaled: encoded now, or sampled from a cached posterior."""
 
+    def hint_posterior(self, stack, hint: torch.Tensor) -> torch.Tensor:
+        """Families that VAE-encode the hint (``encodes_hint``): the VAE posterior's parameters (mean,
+        log-variance) of a hint batch in [0, 1], as controlnet-prep mode=encode caches them."""
+        raise NotImplementedError(f"the {self.name} family takes the hint as pixels")
+
     @abstractmethod
     def conditioning(self, stack, batch: dict, text: tuple, latents: torch.Tensor) -> dict:
         """The keyword arguments both networks take besides the noisy input (text, micro-conditioning)."""
@@ -99,6 +105,12 @@ class ModelFamily(ABC):
     @abstractmethod
     def pipeline(self, stack, controlnet, sampler: str = "unipc"):
         """A diffusers sampling pipeline over these modules (text-to-image without a ControlNet)."""
+
+    @abstractmethod
+    def prompt_embeds(self, pipe, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """The text inputs of this family's ``pipeline`` call for these prompts (``prompt_embeds`` and the
+        others it takes, the empty negative prompt's where it guides with one), as the pipeline itself
+        encodes them: computed once ahead of time, they let sampling run without the text encoders."""
 
     @abstractmethod
     def export_original_controlnet(self, controlnet, path: Path, dtype: str = "fp16") -> Path:

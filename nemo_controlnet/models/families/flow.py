@@ -75,6 +75,7 @@ class FlowMatchingFamily(ModelFamily):
     original_layout = False
     control_lora = False  # Control-LoRA copies a UNet's encoder
     residual_precompute = False  # the residual store holds SD UNet (down, mid) residuals
+    encodes_hint = True
     controlnet_class: type  # the diffusers ControlNet class (from_pretrained)
     controlnet_keys: tuple = ()  # config keys a ControlNet shares with the transformer it drives
 
@@ -139,16 +140,30 @@ class FlowMatchingFamily(ModelFamily):
 
     def hint_latents(self, stack, batch: dict) -> torch.Tensor | None:
         """The hint as the ControlNet takes it: VAE latents of the hint in [-1, 1] (one channel repeated to
-        three), shifted and scaled, as diffusers' SD3 and Flux ControlNet scripts encode it; None without a
-        hint in the batch or without a ControlNet."""
-        hint = batch.get(getattr(stack, "control_key", "hint"))
-        if hint is None or getattr(stack, "controlnet", True) is None:
+        three), shifted and scaled, as diffusers' SD3 and Flux ControlNet scripts encode it (or drawn from
+        the cached posterior of shards from controlnet-prep mode=encode); None without a hint in the batch
+        or without a ControlNet."""
+        if getattr(stack, "controlnet", True) is None:
             return None
         vae = stack.vae
+        if "hint_latent_dist" in batch:  # cached (controlnet-prep mode=encode): sampled as online
+            return self.to_latents(vae, DiagonalGaussianDistribution(batch["hint_latent_dist"].float()).sample())
+        hint = batch.get(getattr(stack, "control_key", "hint"))
+        if hint is None:
+            return None
+        with torch.no_grad():
+            return self.to_latents(vae, vae.encode(self.hint_pixels(hint, vae.dtype)).latent_dist.sample())
+
+    @staticmethod
+    def hint_pixels(hint: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A hint batch in [0, 1] (one channel or three) -> the VAE's input: three channels in [-1, 1]."""
         if hint.shape[1] == 1:
             hint = hint.expand(-1, 3, -1, -1)
-        with torch.no_grad():
-            return self.to_latents(vae, vae.encode((hint * 2 - 1).to(vae.dtype)).latent_dist.sample())
+        return (hint * 2 - 1).to(dtype)
+
+    def hint_posterior(self, stack, hint: torch.Tensor) -> torch.Tensor:
+        vae = stack.vae
+        return vae.encode(self.hint_pixels(hint, vae.dtype)).latent_dist.parameters
 
     def decode(self, stack, latents: torch.Tensor) -> torch.Tensor:
         vae = stack.vae

@@ -258,3 +258,9 @@ class FluxFamily(FlowMatchingFamily):
         pipe.max_sequence_length, pipe.guidance_scale_default = self.max_sequence_length, self.guidance_scale
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def prompt_embeds(self, pipe, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """FluxPipeline.encode_prompt at the family's T5 length (Flux guides by embedding, with no negative)."""
+        states, pooled, _ = pipe.encode_prompt(prompt=list(prompts), prompt_2=None, device=device,
+                                               max_sequence_length=pipe.max_sequence_length)  # fmt: skip
+        return {"prompt_embeds": states, "pooled_prompt_embeds": pooled}

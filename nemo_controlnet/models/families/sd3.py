@@ -206,9 +206,10 @@ class SD3Family(FlowMatchingFamily):
         scheduler whatever ``sampler`` names (a fresh one: the training scheduler is left as it is)."""
         self.check_sampler(sampler)
         tok_g, tok_t5 = stack.tokenizer_2
+        second = stack.text_encoder_2  # None: released after caching what sampling needs
         parts = dict(transformer=stack.unet, vae=stack.vae, text_encoder=stack.text_encoder, tokenizer=stack.tokenizer,
-                     text_encoder_2=stack.text_encoder_2.clip, tokenizer_2=tok_g,
-                     text_encoder_3=stack.text_encoder_2.t5, tokenizer_3=tok_t5,
+                     text_encoder_2=second.clip if second is not None else None, tokenizer_2=tok_g,
+                     text_encoder_3=second.t5 if second is not None else None, tokenizer_3=tok_t5,
                      scheduler=FlowMatchEulerDiscreteScheduler.from_config(stack.noise_scheduler.config))  # fmt: skip
         if controlnet is not None:
             pipe = StableDiffusion3ControlNetPipeline(**parts, controlnet=controlnet)
@@ -217,3 +218,12 @@ class SD3Family(FlowMatchingFamily):
         pipe.max_sequence_length = self.max_sequence_length
         pipe.set_progress_bar_config(disable=True)
         return pipe
+
+    def prompt_embeds(self, pipe, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """StableDiffusion3Pipeline.encode_prompt with classifier-free guidance, the empty negative prompt and
+        the family's T5 length, as ``pipeline`` samples."""
+        out = pipe.encode_prompt(prompt=list(prompts), prompt_2=None, prompt_3=None, device=device,
+                                 do_classifier_free_guidance=True,
+                                 max_sequence_length=pipe.max_sequence_length)  # fmt: skip
+        keys = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+        return dict(zip(keys, out, strict=True))

@@ -162,6 +162,17 @@ class SDUNetFamily(ModelFamily):
                                    stack.noise_scheduler.config, sampler, stack.text_encoder_2,
                                    stack.tokenizer_2)  # fmt: skip
 
+    def prompt_embeds(self, pipe, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """StableDiffusion(XL)Pipeline.encode_prompt with classifier-free guidance and no negative prompt (SDXL
+        then zeros the negative embeddings, as its force_zeros_for_empty_prompt says)."""
+        if isinstance(pipe, (StableDiffusionXLControlNetPipeline, StableDiffusionXLPipeline)):
+            keys = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+            out = pipe.encode_prompt(prompt=list(prompts), device=device, do_classifier_free_guidance=True)
+        else:
+            keys = ("prompt_embeds", "negative_prompt_embeds")
+            out = pipe.encode_prompt(list(prompts), device, 1, True)
+        return dict(zip(keys, out, strict=True))
+
     def export_original_controlnet(self, controlnet, path: Path, dtype: str = "fp16") -> Path:
         return export_original_controlnet(controlnet, path, dtype)
 
@@ -171,14 +182,15 @@ def controlnet_pipeline(
     text_encoder_2=None, tokenizer_2=None,
 ):  # fmt: skip
     """diffusers' ControlNet pipeline over these modules (no copies): the SDXL one when there is a
-    second text encoder; without a ControlNet (base training), the text-to-image pipeline."""
+    second text encoder (or its tokenizer: the encoders may have been released after caching what sampling
+    needs); without a ControlNet (base training), the text-to-image pipeline."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler={sampler!r}: choose one of {sorted(SAMPLERS)}")
     common = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                   scheduler=SAMPLERS[sampler].from_config(scheduler_config))  # fmt: skip
     if controlnet is not None:
         common["controlnet"] = controlnet
-    if text_encoder_2 is not None:
+    if text_encoder_2 is not None or tokenizer_2 is not None:
         cls = StableDiffusionXLControlNetPipeline if controlnet is not None else StableDiffusionXLPipeline
         pipe = cls(**common, text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2, add_watermarker=False)
     else:
