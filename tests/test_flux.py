@@ -275,8 +275,12 @@ def original_flux_state(transformer) -> dict:
 def test_a_single_file_flux_transformer_loads_over_a_diffusers_directory(tmp_path):
     """model=local_flux model.checkpoint=<flux1-dev-layout file>: the transformer from the file through
     diffusers' converter, which assumes Flux's width (3072): so one double and one single block at that
-    width (531M parameters, bf16), the rest of the base from the directory."""
+    width (531M parameters, bf16), the rest of the base from the directory; a file that also carries the
+    VAE and text encoders (ComfyUI's all-in-one layout: vae., text_encoders.clip_l / t5xxl) gives them too."""
     from safetensors.torch import save_file
+
+    from nemo_controlnet.models.single_file import original_vae_state
+    from nemo_controlnet.models.stack import fingerprint
 
     cfg, family, stack = tiny_flux()
     family.pipeline(stack, None).save_pretrained(tmp_path / "flux")
@@ -300,3 +304,15 @@ def test_a_single_file_flux_transformer_loads_over_a_diffusers_directory(tmp_pat
     for key, value in wide.state_dict().items():
         assert torch.equal(state[key].to(value.dtype), value), key
     assert loaded.text_encoder_2.config.d_model == stack.text_encoder_2.config.d_model  # from the directory
+    assert fingerprint(loaded.vae, *loaded.text_encoders()) == fingerprint(stack.vae, *stack.text_encoders())
+
+    source = family.build_stack(compose_train(["model=tiny_flux", "model.seed=7"]).model)
+    parts = {"vae." + k[len("first_stage_model."):]: v for k, v in original_vae_state(source.vae).items()}
+    for prefix, module in (("clip_l", source.text_encoder), ("t5xxl", source.text_encoder_2)):
+        parts.update({f"text_encoders.{prefix}.transformer.{k}": v.clone().contiguous()
+                      for k, v in module.state_dict().items() if k != "encoder.embed_tokens.weight"})  # fmt: skip
+    save_file({**original_flux_state(wide), **parts}, tmp_path / "flux1-all-in-one.safetensors")
+    model = compose_train(["model=local_flux", f"model.path={tmp_path / 'flux'}",
+                           f"model.checkpoint={tmp_path / 'flux1-all-in-one.safetensors'}"]).model  # fmt: skip
+    loaded = family_for(model).build_stack(model)
+    assert fingerprint(loaded.vae, *loaded.text_encoders()) == fingerprint(source.vae, *source.text_encoders())

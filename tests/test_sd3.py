@@ -212,3 +212,44 @@ def test_a_single_file_transformer_loads_over_the_config_or_a_diffusers_director
         assert fingerprint(loaded.vae, loaded.text_encoder) == fingerprint(stack.vae, stack.text_encoder)
     with pytest.raises(ValueError, match="model.checkpoint=.*no such file"):
         family.build_stack(compose_train(["model=tiny_sd3", f"model.checkpoint={tmp_path / 'none.safetensors'}"]).model)
+
+
+def hf_layout(prefix: str, module: torch.nn.Module, leave_out: tuple = ()) -> dict:
+    """A text encoder's weights as Stability's all-in-one files hold them: its transformers layout under a
+    prefix."""
+    return {prefix + k: v.clone().contiguous() for k, v in module.state_dict().items() if k not in leave_out}
+
+
+def test_an_all_in_one_sd3_file_gives_the_vae_and_text_encoders_too(tmp_path):
+    """model.checkpoint=<an SD3 file with its VAE and CLIP-L, CLIP-G and T5 (sd3_medium_incl_clips_t5xxl...)>:
+    every part it carries is read from it, over the config's random init; CLIP-L without a projection gets
+    the identity (as diffusers' loader); a part that does not fit the config's architecture is named."""
+    from safetensors.torch import save_file
+
+    from nemo_controlnet.models.single_file import original_vae_state
+    from nemo_controlnet.models.stack import fingerprint
+
+    cfg, family, stack = tiny_sd3()
+    source = family.build_stack(compose_train(["model=tiny_sd3", "model.seed=7"]).model)  # another base
+    clip_l, clip_g, t5 = source.text_encoder, source.text_encoder_2.clip, source.text_encoder_2.t5
+    with torch.no_grad():
+        clip_l.text_projection.weight.copy_(torch.eye(clip_l.text_projection.weight.shape[0]))
+    state = {**original_sd3_state(source.unet), **original_vae_state(source.vae),
+             **hf_layout("text_encoders.clip_l.transformer.", clip_l, leave_out=("text_projection.weight",)),
+             **hf_layout("text_encoders.clip_g.transformer.", clip_g),
+             **hf_layout("text_encoders.t5xxl.transformer.", t5,
+                         leave_out=("encoder.embed_tokens.weight",))}  # fmt: skip
+    save_file(state, tmp_path / "sd3_incl_clips_t5.safetensors")
+    model = compose_train(["model=tiny_sd3", f"model.checkpoint={tmp_path / 'sd3_incl_clips_t5.safetensors'}"]).model
+    loaded = family.build_stack(model)
+    for part in ("unet", "vae", "text_encoder"):
+        assert fingerprint(getattr(loaded, part)) == fingerprint(getattr(source, part)), part
+    assert fingerprint(loaded.text_encoder_2.clip, loaded.text_encoder_2.t5) == fingerprint(clip_g, t5)
+    assert fingerprint(loaded.vae) != fingerprint(stack.vae)  # not the config's random init
+    torch.testing.assert_close(family.encode_text(loaded, ["a b"]), family.encode_text(source, ["a b"]))
+
+    bad = dict(state)
+    bad["text_encoders.t5xxl.transformer.shared.weight"] = torch.zeros(3, 3)
+    save_file(bad, tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match=r"\(t5\): shared.weight is \(3, 3\) in the file"):
+        family.build_stack(compose_train(["model=tiny_sd3", f"model.checkpoint={tmp_path / 'bad.safetensors'}"]).model)

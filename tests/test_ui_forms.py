@@ -152,3 +152,30 @@ def test_the_folder_layout_from_the_form_is_what_training_reads(roots, tmp_path)
     assert len(samples) == 5 and all(s["png"] == (out / mapping[Path(s["__url__"]).name]).read_bytes() for s in samples)
     train = ds.train_overrides(good, roots)
     assert train == ["data=folder", f"data.folder.root={photos.resolve()}"]
+
+
+@pytest.mark.parametrize("model,group", [("tiny", "local_diffusers"), ("tiny_sdxl", "local_diffusers_xl"),
+                                         ("tiny_sd3", "local_sd3"), ("tiny_flux", "local_flux")])  # fmt: skip
+def test_a_diffusers_directory_in_the_runs_form_trains_over_that_base(tmp_path, model, group):
+    """The Runs form's model field takes a diffusers directory of any family: its pipeline class picks the
+    local_* config, and the config built from the form's overrides is that base (same fingerprint)."""
+    from nemo_controlnet.models.families import family_for
+    from nemo_controlnet.models.stack import fingerprint
+    from nemo_controlnet.ui.overrides import compose, run_overrides
+
+    tiny = compose("train", [f"model={model}"]).model
+    family = family_for(tiny)
+    stack = family.build_stack(tiny)
+    family.pipeline(stack, None).save_pretrained(tmp_path / "base")
+    overrides, problems = run_overrides(str(tmp_path / "base"), 2, 1, 1e-5, "32", 0)
+    assert problems == {} and f"model={group}" in overrides
+    built = compose("train", overrides).model
+    loaded = family_for(built).build_stack(built)
+    assert fingerprint(loaded.unet, loaded.vae, *loaded.text_encoders()) == fingerprint(
+        stack.unet, stack.vae, *stack.text_encoders()
+    )
+
+    (tmp_path / "other" / "transformer").mkdir(parents=True)
+    (tmp_path / "other" / "model_index.json").write_text('{"_class_name": "AuraFlowPipeline"}')
+    _, problems = run_overrides(str(tmp_path / "other"), 2, 1, 1e-5, "32", 0)
+    assert "AuraFlowPipeline" in problems["model"]

@@ -145,19 +145,75 @@ def single_file_transformer(node, checkpoint: str):
     architecture is the config node's, or, for a ``from_pretrained`` node (``local_sd3``, ``local_flux``),
     that directory's ``config.json``;
     diffusers' single-file converter maps the weights. The file is read safely (safetensors, or
-    ``weights_only``)."""
+    ``weights_only``). The file stays read for ``single_file_parts``; the caller releases it
+    (``release_checkpoints``)."""
     from omegaconf import OmegaConf
 
     kwargs = OmegaConf.to_container(node, resolve=True)
     target = kwargs.pop("_target_")
-    try:
-        if target.endswith(".from_pretrained"):  # model.path: the architecture from the directory
-            cls = get_class(target.rsplit(".", 1)[0])
-            return cls.from_single_file(_checkpoint(checkpoint), config=kwargs["pretrained_model_name_or_path"],
-                                        subfolder=kwargs.get("subfolder"), local_files_only=True)  # fmt: skip
-        return component_from_node(node, checkpoint, "transformer")
-    finally:
-        release_checkpoints()
+    if target.endswith(".from_pretrained"):  # model.path: the architecture from the directory
+        cls = get_class(target.rsplit(".", 1)[0])
+        return cls.from_single_file(_checkpoint(checkpoint), config=kwargs["pretrained_model_name_or_path"],
+                                    subfolder=kwargs.get("subfolder"), local_files_only=True)  # fmt: skip
+    return component_from_node(node, checkpoint, "transformer")
+
+
+# What an all-in-one transformer file may carry besides the transformer (Stability's SD3 / SD3.5 files with
+# their VAE and text encoders; ComfyUI's Flux checkpoints): the VAE in the LDM layout, each text encoder in
+# its transformers layout under a prefix.
+PART_PREFIXES = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer.",
+                 "t5": "text_encoders.t5xxl.transformer."}  # fmt: skip
+LDM_VAE_PREFIXES = (VAE_PREFIX, "vae.")
+
+
+def single_file_parts(checkpoint: str, modules: dict[str, torch.nn.Module | None]) -> list[str]:
+    """Load the parts of ``modules`` (``vae``, ``clip_l``, ``clip_g``, ``t5``: built from their config nodes,
+    so the architecture is the config's) that the single file carries, in place; the names loaded. A part
+    the file holds must fit whole: a missing, extra or misshapen weight is an error naming it. A CLIP-L
+    without ``text_projection`` (SD3's files) gets the identity, as diffusers' loader gives it."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    state = _checkpoint(checkpoint)
+    loaded = []
+    for name, module in modules.items():
+        if module is None:
+            continue
+        if name == "vae":
+            if not any(k.startswith(LDM_VAE_PREFIXES) for k in state):
+                continue
+            part = convert_ldm_vae_checkpoint(state, dict(module.config))
+        else:
+            prefix = PART_PREFIXES[name]
+            part = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+            if not part:
+                continue
+            projection = getattr(module, "text_projection", None)
+            if name == "clip_l" and projection is not None and "text_projection.weight" not in part:
+                if projection.weight.shape[0] != projection.weight.shape[1]:
+                    raise ValueError(f"model.checkpoint={checkpoint}: its CLIP-L has no text_projection and this "
+                                     f"model's is {tuple(projection.weight.shape)}, not square")  # fmt: skip
+                part["text_projection.weight"] = torch.eye(projection.weight.shape[0])
+        load_part(module, part, f"model.checkpoint={checkpoint} ({name})")
+        loaded.append(name)
+    return loaded
+
+
+def load_part(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``state`` into ``module`` in place, every weight of the module given (tied embeddings and
+    non-persistent buffers aside), none unknown, each of the module's shape; otherwise an error naming them."""
+    own = module.state_dict()
+    tied = {"encoder.embed_tokens.weight"}  # T5: the shared embedding
+    missing = sorted(k for k in own.keys() - state.keys() if k not in tied and not k.endswith("position_ids"))
+    unexpected = sorted(k for k in state.keys() - own.keys() if not k.endswith("position_ids"))
+    if missing or unexpected:
+        raise ValueError(f"{source}: does not fit this model's architecture (missing {missing[:4]}"
+                         f"{'...' if len(missing) > 4 else ''}, unexpected {unexpected[:4]}"
+                         f"{'...' if len(unexpected) > 4 else ''})")  # fmt: skip
+    for key, value in state.items():
+        if key in own and own[key].shape != value.shape:
+            raise ValueError(f"{source}: {key} is {tuple(value.shape)} in the file, {tuple(own[key].shape)} in "
+                             "this model's architecture")  # fmt: skip
+    module.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
 
 # -- writing -------------------------------------------------------------------------------

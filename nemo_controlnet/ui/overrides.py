@@ -4,6 +4,7 @@ Also Hydra's compose API for the UI, one composition at a time (Gradio runs hand
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -151,15 +152,38 @@ def model_options() -> list[str]:
     return sorted(n for n in names if not n.startswith("_") and n != "options")  # options: shared by all
 
 
+# A diffusers directory's pipeline class (model_index.json's _class_name) -> the model config that reads it.
+LOCAL_MODELS = (("StableDiffusion3", "local_sd3"), ("Flux", "local_flux"), ("StableDiffusionXL", "local_diffusers_xl"))
+
+
+def local_model(path: Path) -> tuple[str | None, str | None]:
+    """(the local_* model config that reads this diffusers directory, or None with what is wrong)."""
+    index = path / "model_index.json"
+    if not (index.is_file() or (path / "unet" / "config.json").is_file()):
+        return None, f"{path}: not a diffusers model directory (no model_index.json or unet/config.json)"
+    pipeline = ""
+    if index.is_file():
+        try:
+            pipeline = str(json.loads(index.read_text()).get("_class_name") or "")
+        except (OSError, ValueError) as e:
+            return None, f"{index}: unreadable ({e})"
+    for marker, group in LOCAL_MODELS:
+        if pipeline.startswith(marker):
+            return group, None
+    if (path / "transformer").is_dir():
+        return None, f"{path}: a transformer base of pipeline {pipeline or '?'}, not SD3 or Flux"
+    return ("local_diffusers_xl" if (path / "text_encoder_2").is_dir() else "local_diffusers"), None
+
+
 def _model_overrides(model: Any) -> tuple[list[str], str | None]:
     options = model_options()
     if isinstance(model, str) and model in options:
         return [f"model={model}"], None
     path = Path(str(model or "")).expanduser()
     if str(model or "").strip() and path.is_dir():
-        if not ((path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file()):
-            return [], f"{path}: not a diffusers model directory (no model_index.json or unet/config.json)"
-        group = "local_diffusers_xl" if (path / "text_encoder_2").is_dir() else "local_diffusers"
+        group, problem = local_model(path)
+        if problem:
+            return [], problem
         return [f"model={group}", format_override("model.path", str(path.resolve()))], None
     return [], f"expected one of {', '.join(options)} or a diffusers model directory (got {model!r})"
 

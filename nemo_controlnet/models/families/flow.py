@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from abc import abstractmethod
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from nemo_controlnet.models.families.base import ModelFamily
-from nemo_controlnet.models.single_file import single_file_transformer
+from nemo_controlnet.models.single_file import release_checkpoints, single_file_parts, single_file_transformer
 from nemo_controlnet.models.stack import instantiate_seeded
 
 log = logging.getLogger(__name__)
@@ -93,14 +94,37 @@ class FlowMatchingFamily(ModelFamily):
         self.weighting_scheme, self.logit_mean, self.logit_std = weighting_scheme, float(logit_mean), float(logit_std)
         self.mode_scale, self.max_sequence_length = float(mode_scale), max_sequence_length
 
+    def build_stack(self, model_cfg: DictConfig):
+        """The locked parts from their config nodes; with ``model.checkpoint``, the transformer and whatever
+        else that one file carries (VAE, text encoders: ``single_file_parts``) read from it, read once."""
+        try:
+            stack = self.assemble_stack(model_cfg)
+            checkpoint = model_cfg.get("checkpoint")
+            if checkpoint:
+                loaded = single_file_parts(checkpoint, self.single_file_modules(stack))
+                log.info("model.checkpoint %s: the transformer%s read from it; the rest from %s", checkpoint,
+                         "".join(f", {name}" for name in loaded),
+                         "model.path" if model_cfg.get("path") else "the config (random init)")  # fmt: skip
+            return stack
+        finally:
+            release_checkpoints()
+
+    @abstractmethod
+    def assemble_stack(self, model_cfg: DictConfig):
+        """The stack from the model config's nodes (the transformer through ``build_transformer``)."""
+
+    @abstractmethod
+    def single_file_modules(self, stack) -> dict[str, torch.nn.Module | None]:
+        """The stack's parts an all-in-one file may also carry, under ``single_file_parts``'s names."""
+
     def build_transformer(self, model_cfg: DictConfig) -> torch.nn.Module:
         """The transformer: from ``model.checkpoint`` (one original-layout file, as its makers ship it; the
-        other parts then come from their own nodes), or from its node (random init, or model.path)."""
+        other parts then come from the same file where it carries them, else from their own nodes), or
+        from its node (random init, or model.path)."""
         checkpoint = model_cfg.get("checkpoint")
         if not checkpoint:
             return instantiate_seeded(model_cfg.unet_config, int(model_cfg.seed), "transformer")
         transformer = single_file_transformer(model_cfg.unet_config, checkpoint)
-        log.info("transformer read from the single file %s", checkpoint)
         return transformer
 
     # -- the ControlNet --------------------------------------------------------------------

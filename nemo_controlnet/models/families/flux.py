@@ -129,7 +129,10 @@ class FluxFamily(FlowMatchingFamily):
         self.guidance_scale, self.resolution_shift = float(guidance_scale), resolution_shift
 
     # -- the stack -------------------------------------------------------------------------
-    def build_stack(self, model_cfg: DictConfig) -> FluxStack:
+    def single_file_modules(self, stack) -> dict[str, torch.nn.Module | None]:
+        return {"vae": stack.vae, "clip_l": stack.text_encoder, "t5": stack.text_encoder_2}
+
+    def assemble_stack(self, model_cfg: DictConfig) -> FluxStack:
         validate_model_config(OmegaConf.create({"model": model_cfg}))
         seed, cond = int(model_cfg.seed), model_cfg.cond_stage_config
         return FluxStack(

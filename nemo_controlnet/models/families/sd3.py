@@ -107,7 +107,11 @@ class SD3Family(FlowMatchingFamily):
         super().__init__(weighting_scheme, logit_mean, logit_std, mode_scale, max_sequence_length)
 
     # -- the stack -------------------------------------------------------------------------
-    def build_stack(self, model_cfg: DictConfig) -> SD3Stack:
+    def single_file_modules(self, stack) -> dict[str, torch.nn.Module | None]:
+        second = stack.text_encoder_2
+        return {"vae": stack.vae, "clip_l": stack.text_encoder, "clip_g": second.clip, "t5": second.t5}
+
+    def assemble_stack(self, model_cfg: DictConfig) -> SD3Stack:
         validate_model_config(OmegaConf.create({"model": model_cfg}))
         seed, cond = int(model_cfg.seed), model_cfg.cond_stage_config
         tokenizers = [instantiate(cond.get(k)) if cond.get(k) else None for k in ("tokenizer", "tokenizer_2",
