@@ -279,3 +279,19 @@ def test_precompute_refuses_augmentation_at_the_start_of_training(residuals, pre
                        "trainer.max_steps=1", "validation.num_samples=0", "data.augment.hflip=0.5")  # fmt: skip
     with pytest.raises(ValueError, match="data.augment.hflip=0.5.*after_augmentation=false"):
         train(cfg)
+
+
+def test_precompute_over_encoded_shards_releases_the_text_encoders(pretrained_controlnet, train_cfg, shapes_dir,
+                                                                    tmp_path):  # fmt: skip
+    """Precomputed residuals over shards with cached latents and text embeddings: the text encoders are
+    released before fit, and the store's shape check at the start takes the empty prompt encoded before."""
+    from tests.test_encode import encode
+
+    encode(tmp_path / "encoded", sorted((shapes_dir / "train").glob("*.tar"))[0])
+    run_prep(residual_cfg(tmp_path / "residuals", tmp_path / "encoded", pretrained_controlnet))
+    cfg = _adapter_cfg(train_cfg, pretrained_controlnet, "controlnet_reroute=precompute",
+                       f"residuals.dir={tmp_path / 'residuals'}", f"data.shards={tmp_path / 'encoded'}",
+                       "trainer.max_steps=2", "validation.num_samples=0", "data.hint.on_the_fly=false",
+                       "model.proportion_empty_prompts=0.5")  # fmt: skip
+    trainer, module = train(cfg)
+    assert trainer.global_step == 2 and module.text_encoder is None

@@ -109,24 +109,23 @@ class ControlNetModule(L.LightningModule):
     # -- the step --------------------------------------------------------------------------
     def encode_prompts(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.text_encoder is None:
-            raise RuntimeError("the text encoders were released (perf.release_text_encoders: the shards carry cached "
-                               "text embeddings), but a batch came with captions to encode")  # fmt: skip
+            raise RuntimeError(f"the text encoders were released (perf.release_text_encoders: the shards carry cached "
+                               f"text embeddings), but {captions!r} came to be encoded")  # fmt: skip
         return self.family.encode_text(self, captions)
 
     @torch.no_grad()
     def release_text_encoders(self, device: torch.device, prompts: list[str]) -> int:
         """Training on cached text embeddings never runs the text encoders in the step: what still needs
         them is encoded once, on ``device`` in the precision the step and sampling use, and they are dropped.
-        That is the empty prompt (caption dropout swaps it in) and the validation ``prompts`` as the sampling
-        pipeline encodes them (``validation_text``). Returns the bytes released."""
+        That is the empty prompt (``empty_prompt``: caption dropout, the residual store's shape check) and the
+        validation ``prompts`` as the sampling pipeline encodes them (``validation_text``). Returns the bytes
+        released."""
         encoders = [m for m in (self.text_encoder, self.text_encoder_2) if m is not None]
         size = sum(t.numel() * t.element_size() for m in encoders for t in (*m.parameters(), *m.buffers()))
         for module in encoders:
             module.to(device)
         with sampling_precision(device, self.locked_dtype):
-            if self.proportion_empty_prompts > 0:
-                states, pooled = self.encode_prompts([""])
-                self._empty_prompt = (states.cpu(), pooled.cpu() if pooled is not None else None)
+            self.empty_prompt()  # kept on the device: the step swaps it in without a copy
             self._prompt_embeds = {}
             if prompts:
                 pipe = self.family.pipeline(self, self.controlnet)
@@ -141,6 +140,13 @@ class ControlNetModule(L.LightningModule):
         if device.type == "cuda":
             torch.cuda.empty_cache()
         return size
+
+    def empty_prompt(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The empty caption's embeddings (and pooled ones), encoded once and kept: also after the text
+        encoders are released."""
+        if self._empty_prompt is None:
+            self._empty_prompt = self.encode_prompts([""])
+        return self._empty_prompt
 
     def validation_text(self, prompts: list[str]) -> dict[str, torch.Tensor] | None:
         """The sampling pipeline's text inputs for these prompts, encoded by ``release_text_encoders``; None
@@ -161,12 +167,10 @@ class ControlNetModule(L.LightningModule):
             drop_cpu = torch.rand(states.shape[0]) < self.proportion_empty_prompts  # decided on the host: no sync
             if drop_cpu.any():
                 drop = drop_cpu.to(states.device)
-                if self._empty_prompt is None:
-                    self._empty_prompt = self.encode_prompts([""])
-                empty_states, empty_pooled = self._empty_prompt
-                states = torch.where(drop[:, None, None], empty_states.to(states.device, states.dtype), states)
+                empty_states, empty_pooled = self.empty_prompt()
+                states = torch.where(drop[:, None, None], empty_states.to(states.dtype), states)
                 if pooled is not None:
-                    pooled = torch.where(drop[:, None], empty_pooled.to(pooled.device, pooled.dtype), pooled)
+                    pooled = torch.where(drop[:, None], empty_pooled.to(pooled.dtype), pooled)
         return states, pooled
 
     def text_conditioning(self, batch: dict, drop_captions: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

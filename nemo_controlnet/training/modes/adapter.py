@@ -30,8 +30,6 @@ from nemo_controlnet.training.modes import TrainingMode
 log = logging.getLogger(__name__)
 
 
-
-
 class AdapterMode(TrainingMode):
     name = "adapter"
 
@@ -103,7 +101,7 @@ class AdapterMode(TrainingMode):
                        module.control_scale, module.noise_scheduler.config.num_train_timesteps)  # fmt: skip
         on_mismatch = str(opts.get("on_mismatch") or "error")
         with torch.no_grad():
-            empty = module.encode_prompts([""])
+            empty = module.empty_prompt()  # (also once the text encoders are released)
         expected = residual_shapes(module.residuals, module.family, manifest["latent_shape"], int(data_cfg.resolution),
                                    empty, int(module.model_cfg.hint_channels), module.device)  # fmt: skip
         got = manifest["shapes"]
