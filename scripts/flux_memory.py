@@ -105,6 +105,18 @@ def saved_bytes(block: torch.nn.Module, tokens_img: int, tokens_txt: int, dim: i
     return sum(seen.values())
 
 
+def block_estimates(transformer, img_tokens: int, text_tokens: int, measure_tokens: int) -> tuple[float, float]:
+    """Saved bytes per sample of one double and one single block at ``img_tokens + text_tokens``: measured on
+    the CPU at ``measure_tokens`` (image and text in the step's proportion), scaled linearly."""
+    t = transformer
+    dim, heads = t.config.num_attention_heads * t.config.attention_head_dim, t.config.num_attention_heads
+    tokens = img_tokens + text_tokens
+    m_txt = max(1, measure_tokens * text_tokens // tokens)
+    scale = tokens / measure_tokens
+    return tuple(saved_bytes(block, measure_tokens - m_txt, m_txt, dim, heads) * scale
+                 for block in (t.transformer_blocks[0], t.single_transformer_blocks[0]))  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="flux")
@@ -121,11 +133,8 @@ def main() -> None:
     dim = t.config.num_attention_heads * t.config.attention_head_dim
     img_tokens = (args.resolution // 16) ** 2  # 8x VAE, then 2x2 packing
     tokens = img_tokens + args.text_tokens
-    m_txt = max(1, args.measure_tokens * args.text_tokens // tokens)
-    m_img = args.measure_tokens - m_txt
     scale = tokens / args.measure_tokens
-    double = saved_bytes(t.transformer_blocks[0], m_img, m_txt, dim, t.config.num_attention_heads) * scale
-    single = saved_bytes(t.single_transformer_blocks[0], m_img, m_txt, dim, t.config.num_attention_heads) * scale
+    double, single = block_estimates(t, img_tokens, args.text_tokens, args.measure_tokens)
     n_double = len(t.transformer_blocks) + len(controlnet.transformer_blocks)
     n_single = len(t.single_transformer_blocks) + len(controlnet.single_transformer_blocks)
     full = n_double * double + n_single * single

@@ -266,12 +266,11 @@ def flux_block_memory(ctx: Context) -> dict:
     _, stack, _ = flux_memory.counts("flux")
     t = stack.unet
     dim = t.config.num_attention_heads * t.config.attention_head_dim
-    img, txt, measure = 4096, 512, 576
-    m_txt = max(1, measure * txt // (img + txt))
+    img, txt = 4096, 512
+    estimates = flux_memory.block_estimates(t, img, txt, 576)  # as docs/scaling.md's table
     details, ok = {}, True
-    for kind, block in (("double", t.transformer_blocks[0]), ("single", t.single_transformer_blocks[0])):
-        estimate = flux_memory.saved_bytes(block, measure - m_txt, m_txt, dim, t.config.num_attention_heads)
-        estimate *= (img + txt) / measure
+    blocks = (("double", t.transformer_blocks[0]), ("single", t.single_transformer_blocks[0]))
+    for (kind, block), estimate in zip(blocks, estimates, strict=True):
         measured = flux_memory.allocated_bytes(block, img, txt, dim)
         ratio = measured / estimate
         details[kind] = {"estimate_gib": estimate / 2**30, "measured_gib": measured / 2**30, "ratio": ratio}

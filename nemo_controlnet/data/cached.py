@@ -5,9 +5,8 @@ from the base being trained."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
-
 import logging
+from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 

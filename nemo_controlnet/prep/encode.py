@@ -109,7 +109,6 @@ class Encoder:
         self.dtype = compute_dtype(precision)
         self.device = torch.device(device)
         self.hint_channels = int(model_cfg.hint_channels)
-        self.encodes_hint = self.family.encodes_hint
         del stack.unet
         self.stack = stack
         for module in (stack.vae, *stack.text_encoders()):
@@ -126,7 +125,7 @@ class Encoder:
         latent = self.stack.vae.encode(pixels).latent_dist.parameters
         states, pooled = self.family.encode_text(self.stack, captions)
         out = {LATENT_MEMBER: latent, TEXT_MEMBER: states}
-        if self.encodes_hint and hints is not None:
+        if self.family.encodes_hint and hints is not None:
             planes = [to_uint8_chw(load_hint_array(h)[0], self.hint_channels) for h in hints]
             out[HINT_LATENT_MEMBER] = self.family.hint_posterior(self.stack, normalize_hint(
                 torch.stack(planes).to(self.device)))  # fmt: skip
@@ -248,9 +247,9 @@ def encode_params(cfg: DictConfig, urls: list[str], encoder: Encoder) -> dict:
             "crop": "center",
             "precision": str(cfg.encode.precision),
             "members": {"latent": LATENT_MEMBER, "text": TEXT_MEMBER, "pooled": POOLED_MEMBER,
-                        **({"hint_latent": HINT_LATENT_MEMBER} if encoder.encodes_hint else {})},
+                        **({"hint_latent": HINT_LATENT_MEMBER} if encoder.family.encodes_hint else {})},
             # the hint's posterior: of the hint read at these channels (one repeated to three for the VAE)
-            **({"hint_latent_channels": encoder.hint_channels} if encoder.encodes_hint else {}),
+            **({"hint_latent_channels": encoder.hint_channels} if encoder.family.encodes_hint else {}),
             "max_shard_mb": cfg.encode.get("max_shard_mb"),
             "latent": "VAE posterior parameters (mean, logvar), unscaled",
             "model": OmegaConf.to_container(cfg.model, resolve=True),

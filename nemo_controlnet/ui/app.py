@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from nemo_controlnet.config import ConfigError
 from nemo_controlnet.data.decode import BadSample
+from nemo_controlnet.inference.generate import default_guidance
 from nemo_controlnet.ui import datasets as ds
 from nemo_controlnet.ui.generation import Generator
 from nemo_controlnet.ui.overrides import ProblemsError, run_overrides
@@ -197,15 +198,20 @@ class App:
         return choices, line, frame, grid, gr.update(value=table, headers=keys or None), info.log_tail
 
     # ---- Generate
+    def _controlnet(self, controlnet: str) -> tuple[str | None, str | None]:
+        """(the picked ControlNet's resolved path: a run's name under the runs root, or a path, or None with
+        what is wrong)."""
+        candidate = self.runs_root / controlnet if "/" not in controlnet else controlnet
+        problem = self.roots.problem(candidate, "controlnet")
+        return (None, problem) if problem else (str(self.roots.resolve(candidate)), None)
+
     def guidance_for(self, controlnet):
         """The guidance slider at the picked ControlNet's family default (unchanged when it cannot be read)."""
-        if not controlnet:
-            return gr.update()
-        candidate = self.runs_root / controlnet if "/" not in controlnet else controlnet
-        if self.roots.problem(candidate, "controlnet"):
+        path = self._controlnet(controlnet)[0] if controlnet else None
+        if path is None:
             return gr.update()
         try:
-            return gr.update(value=self.generator.default_guidance(str(self.roots.resolve(candidate))))
+            return gr.update(value=default_guidance(path))
         except (OSError, ValueError, KeyError) as e:  # not (yet) an exported ControlNet: leave the slider
             log.debug("no guidance default for %s: %s", controlnet, e)
             return gr.update()
@@ -213,8 +219,7 @@ class App:
     def generate(self, controlnet, kind, upload, prompt, negative, scale, guidance, steps, seed, low, high, blur):
         if not controlnet:
             return None, None, "pick a run or an exported ControlNet"
-        candidate = self.runs_root / controlnet if "/" not in controlnet else controlnet
-        problem = self.roots.problem(candidate, "controlnet")
+        path, problem = self._controlnet(controlnet)
         if problem:
             return None, None, _error(problem)
         if upload is None:
@@ -226,7 +231,7 @@ class App:
         image = np.asarray(upload)[:, :, :3]
         canny = {k: v for k, v in form.hint_config().items() if k != "_target_"}
         result = self.generator.generate(
-            str(self.roots.resolve(candidate)), prompt or "", hint=image if kind == "hint" else None,
+            path, prompt or "", hint=image if kind == "hint" else None,
             image=image if kind == "image" else None, canny=canny if kind == "image" else None,
             negative_prompt=negative or None, control_scale=float(scale), guidance_scale=float(guidance),
             steps=int(steps), seed=int(seed),

@@ -29,7 +29,6 @@ from nemo_controlnet.data.transforms import prepare_hint
 from nemo_controlnet.inference.generate import (
     Sampler,
     broadcast_prompts,
-    default_guidance,
     detect_hint,
     load_sampler,
     resolve_controlnet,
@@ -129,11 +128,6 @@ class Generator:
             while len(self._loaded) > max(1, self.max_loaded):
                 self._loaded.popitem(last=False)
             return sampler
-
-    @staticmethod
-    def default_guidance(controlnet: str | os.PathLike) -> float:
-        """The guidance ``generate`` takes with ``guidance_scale=None``: the ControlNet's base family default."""
-        return default_guidance(controlnet)
 
     def clear(self) -> None:
         """Drop the loaded samplers (their memory goes back once nothing else holds them)."""

@@ -124,8 +124,7 @@ class FlowMatchingFamily(ModelFamily):
         checkpoint = model_cfg.get("checkpoint")
         if not checkpoint:
             return instantiate_seeded(model_cfg.unet_config, int(model_cfg.seed), "transformer")
-        transformer = single_file_transformer(model_cfg.unet_config, checkpoint)
-        return transformer
+        return single_file_transformer(model_cfg.unet_config, checkpoint)
 
     # -- the ControlNet --------------------------------------------------------------------
     def make_controlnet(self, model_cfg: DictConfig, stack) -> torch.nn.Module:
