@@ -109,7 +109,8 @@ def test_one_run_honours_the_diffusers_keys(train_cfg, shapes_dir, monkeypatch, 
 
     # export.push_to_hub offline: the export is the upload-ready folder, the log says how to upload it
     card = (run_dir / "controlnet" / "README.md").read_text()
-    assert 'from_pretrained("me/tiny-controlnet")' in card and "diffusers-training" in card
+    assert "hf download me/tiny-controlnet --local-dir" in card and "diffusers-training" in card
+    assert 'from_pretrained("path/to/this/directory", local_files_only=True)' in card  # loads offline
     assert "base_model: stable-diffusion-v1-5/stable-diffusion-v1-5" in card
     assert (run_dir / "controlnet" / "diffusion_pytorch_model.safetensors").is_file()
     assert f"hf upload me/tiny-controlnet {run_dir / 'controlnet'} ." in caplog.text

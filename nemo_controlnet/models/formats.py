@@ -332,9 +332,12 @@ def model_card(metadata: dict, grid: str | None = None) -> str:
         "",
         "```python",
         f"from diffusers import {cls}",
-        f'controlnet = {cls}.from_pretrained("{hub_id or "path/to/this/directory"}")',
+        f'controlnet = {cls}.from_pretrained("path/to/this/directory", local_files_only=True)',
         "```",
         "",
+        # A local directory loads behind a firewall too; the Hub copy is fetched once, where the Hub is reachable.
+        *([f"On the Hub as `{hub_id}`: `hf download {hub_id} --local-dir DIR` fetches this directory.", ""]
+          if hub_id else []),  # fmt: skip
         "Hints are given to the pipeline as images; the ControlNet was trained on them as float [0, 1] RGB.",
     ]
     evaluation = metadata.get("eval")
